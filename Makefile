@@ -1,0 +1,29 @@
+# `make train` / `make test` bootstrap .venv with plain pip, reinstall only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: train test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+bench: $(STAMP)
+	for script in benchmarks/bench_*.py; do $(VENV)/bin/python $$script || exit 1; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tl_lightning tests scripts benchmarks train.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,381 @@
+r"""Quadratic weight penalties added straight to ``.grad``: EWC and L2-SP.
+
+Both are sums of terms ``strength / 2 · Σ_i F_i (θ_i − θ*_i)²`` whose gradient is
+``strength · F · (θ − θ*)``. :class:`QuadraticPenalty` adds that gradient to ``.grad`` in
+``on_before_optimizer_step``: Lightning calls it once per optimizer step, after gradient accumulation
+and AMP unscaling and before gradient clipping and the step
+(``lightning/pytorch/plugins/precision/precision.py::_after_closure``; ``amp.py`` unscales first).
+So the user's ``training_step`` is untouched, no autograd graph is built, and every DDP rank adds
+the same thing (its gradients are already all-reduced; the penalty depends only on ``θ``, which is
+identical across ranks).
+
+Which parameters get the penalty gradient: those of the selected modules that require grad, have a
+``.grad`` and belong to the optimizer being stepped. A parameter whose ``.grad`` is ``None`` is
+skipped rather than given one: it is frozen, or it took no part in this step's loss, and the
+optimizer skips it too, so it does not move away from its anchor through this step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, selected_parameters
+from tl_lightning.fisher import FISHER_MODES, fisher_diagonal
+
+NORMALIZE_MODES: tuple[str | None, ...] = ("mean", "max", None)
+
+
+@dataclass
+class _Term:
+    """``strength / 2 · Σ importance · (param − anchor)²``; ``anchor=None`` is zero, ``importance=None`` is one."""
+
+    strength: float
+    params: list[Tensor]
+    anchors: list[Tensor] | None = None
+    importances: list[Tensor] | None = None
+
+    def apply(self, stepped: set[int], with_value: bool) -> Tensor | None:
+        """Add the term's gradient to ``.grad`` of the stepped parameters; return its value if asked."""
+        index = [i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad and id(p) in stepped]
+        if not index:
+            return None
+        params = [self.params[i] for i in index]
+        diffs = params if self.anchors is None else torch._foreach_sub(params, [self.anchors[i] for i in index])
+        weighted = diffs if self.importances is None else torch._foreach_mul(diffs, [self.importances[i] for i in index])
+        torch._foreach_add_([p.grad for p in params], weighted, alpha=self.strength)
+        if not with_value:
+            return None
+        squares = torch._foreach_mul(weighted, diffs)  # non-negative, so their 1-norms are their sums
+        return 0.5 * self.strength * torch.stack(torch._foreach_norm(squares, 1)).sum()
+
+
+class QuadraticPenalty(Callback):
+    """Base class: add the gradients of quadratic weight penalties to ``.grad`` once per optimizer step.
+
+    Subclasses fill ``self._terms`` (usually in ``on_train_start``) and name the logged value.
+
+    Args:
+        log_name: The penalty value is logged as ``penalty/<log_name>`` on the steps Lightning
+            writes logs (``log_every_n_steps``).
+    """
+
+    def __init__(self, log_name: str) -> None:
+        self.log_name = log_name
+        self._terms: list[_Term] = []
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        if not self._terms:
+            return
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        with_value = trainer._logger_connector.should_update_logs  # as Lightning's LearningRateMonitor does
+        with torch.no_grad():
+            values = [v for term in self._terms if (v := term.apply(stepped, with_value)) is not None]
+        if with_value and values:
+            pl_module.log(f"penalty/{self.log_name}", torch.stack(values).sum(), on_step=True, on_epoch=False)
+
+
+class EWC(QuadraticPenalty):
+    r"""Elastic Weight Consolidation (Kirkpatrick et al. 2017): keep important weights near the source.
+
+    Adds the gradient of ``lambda_ / 2 · Σ_i F_i (θ_i − θ*_i)²`` over the parameters of ``modules``,
+    where ``θ*`` are their weights when training starts and ``F`` the diagonal Fisher of the
+    source model at ``θ*`` (:func:`tl_lightning.fisher.fisher_diagonal`), computed once at the start
+    of the first fit, or loaded from ``fisher_path``. ``θ*`` and ``F`` are saved in checkpoints,
+    so resuming neither recomputes nor moves them.
+
+    Calling ``trainer.fit`` again with the same instance keeps ``θ*`` and ``F`` (the source stays
+    the source), unless ``online=True``: then each new fit is a new task, ``θ*`` moves to the current
+    weights and ``F ← gamma · F + F_new`` (online EWC, Schwarz et al. 2018).
+
+    Args:
+        lambda_: Penalty strength ``λ > 0``.
+        modules: Modules whose parameters are penalised (attribute paths or regexes; see
+            ``tl_lightning.callbacks._select``). Frozen ones get the penalty once they train.
+        source_forward: Method of the LightningModule returning the *source* task's logits, e.g.
+            ``"source_logits"`` for an ImageNet head kept next to the new one.
+        source_data: ``DataLoader`` (or any iterable of ``(x, y)``/``x`` batches, in the same
+            order on every rank) or ``LightningDataModule`` (its ``train_dataloader()``) for the
+            Fisher. ``None`` uses the trainer's training batches as inputs, with labels sampled
+            from the source head, so ``fisher_mode`` must then not be ``"empirical"``.
+        fisher_mode: ``"empirical"``, ``"sampled"`` or ``"exact"`` (see ``fisher_diagonal``).
+        fisher_samples: Number of samples the Fisher is estimated from.
+        fisher_chunk_size: Samples per vectorised gradient computation (memory vs. speed).
+        fisher_path: Load the (un-normalised) Fisher from this safetensors file instead of computing it.
+        fisher_save_path: Save the computed (un-normalised) Fisher to this safetensors file.
+        online: Consolidate over sequential fits instead of keeping the first anchor.
+        gamma: Decay of the old importance in online mode, in ``(0, 1]``.
+        normalize: Divide each new Fisher by its ``"mean"`` or ``"max"`` over all penalised
+            entries (so ``lambda_`` is on the scale of L2-SP's ``alpha``), or ``None`` for raw values.
+        seed: Seed of the labels drawn in ``"sampled"`` mode.
+
+    Raises:
+        ValueError: If an argument is out of range or not one of the allowed values.
+        AttributeError: In ``setup``, if ``modules`` matches no module (the message lists the children).
+
+    Example::
+
+        trainer = Trainer(callbacks=[EWC(lambda_=100.0, modules="backbone", source_forward="source_logits")])
+    """
+
+    def __init__(
+        self,
+        lambda_: float,
+        modules: ModuleSelector = "backbone",
+        source_forward: str = "forward",
+        source_data: Iterable[Any] | LightningDataModule | None = None,
+        fisher_mode: str = "sampled",
+        fisher_samples: int = 512,
+        fisher_chunk_size: int = 64,
+        fisher_path: str | Path | None = None,
+        fisher_save_path: str | Path | None = None,
+        online: bool = False,
+        gamma: float = 1.0,
+        normalize: str | None = "mean",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(log_name="ewc")
+        if not lambda_ > 0:
+            raise ValueError(f"`lambda_` must be > 0, got {lambda_}")
+        if fisher_mode not in FISHER_MODES:
+            raise ValueError(f"`fisher_mode` must be one of {FISHER_MODES}, got {fisher_mode!r}")
+        if fisher_mode == "empirical" and source_data is None and fisher_path is None:
+            raise ValueError(
+                "`fisher_mode='empirical'` needs `source_data` with source-task labels; the trainer's "
+                "batches carry target labels. Use 'sampled' or 'exact', or pass `source_data`."
+            )
+        if fisher_samples < 1 or fisher_chunk_size < 1:
+            raise ValueError(f"`fisher_samples` and `fisher_chunk_size` must be >= 1, got {fisher_samples}, {fisher_chunk_size}")
+        if fisher_path is not None and fisher_save_path is not None:
+            raise ValueError("pass either `fisher_path` (load) or `fisher_save_path` (compute and save), not both")
+        if fisher_path is not None and online:
+            raise ValueError("`fisher_path` fixes the importance; it cannot be combined with `online=True`")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"`gamma` must be in (0, 1], got {gamma}")
+        if gamma != 1 and not online:
+            raise ValueError("`gamma` only applies with `online=True`")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"`normalize` must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        self.lambda_ = lambda_
+        self.modules = as_selector_list(modules)
+        self.source_forward = source_forward
+        self.source_data = source_data
+        self.fisher_mode = fisher_mode
+        self.fisher_samples = fisher_samples
+        self.fisher_chunk_size = fisher_chunk_size
+        self.fisher_path = fisher_path
+        self.fisher_save_path = fisher_save_path
+        self.online = online
+        self.gamma = gamma
+        self.normalize = normalize
+        self.seed = seed
+        self._names: list[str] = []
+        self._anchor: dict[str, Tensor] = {}
+        self._fisher: dict[str, Tensor] = {}
+        self._tasks = 0
+        self._restored = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not callable(getattr(pl_module, self.source_forward, None)):
+            raise AttributeError(f"{type(pl_module).__name__} has no method {self.source_forward!r} (`source_forward`)")
+        self._names = list(selected_parameters(pl_module, self.modules))
+        if not self._names:
+            raise ValueError(f"modules {self.modules} hold no parameters to penalise")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = _named(pl_module, self._names)
+        if self._restored:
+            self._restored = False
+            _check_state("checkpoint", self._anchor, params)
+        elif not self._fisher or self.online:
+            fisher = self._new_fisher(trainer, pl_module)
+            if self._fisher:
+                fisher = {n: self.gamma * self._fisher[n].to(f) + f for n, f in fisher.items()}
+            self._fisher = fisher
+            self._anchor = {name: p.detach().clone() for name, p in params.items()}
+            self._tasks += 1
+        self._terms = [
+            _Term(
+                strength=self.lambda_,
+                params=list(params.values()),
+                anchors=[_like(self._anchor[n], p) for n, p in params.items()],
+                importances=[_like(self._fisher[n], p) for n, p in params.items()],
+            )
+        ]
+
+    def _new_fisher(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
+        if self.fisher_path is not None:
+            fisher = load_file(str(self.fisher_path))
+            _check_state(str(self.fisher_path), fisher, _named(pl_module, self._names))
+        else:
+            batches, shard = self._batches(trainer)
+            fisher = fisher_diagonal(
+                pl_module,
+                batches,
+                mode=self.fisher_mode,
+                max_samples=self.fisher_samples,
+                chunk_size=self.fisher_chunk_size,
+                params=self._names,
+                method=self.source_forward,
+                seed=self.seed + self._tasks,
+                shard=shard,
+            )
+            if self.fisher_save_path is not None and trainer.is_global_zero:
+                save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(self.fisher_save_path))
+        return _normalized(fisher, self.normalize)
+
+    def _batches(self, trainer: Trainer) -> tuple[Iterable[Any], bool]:
+        """The Fisher's batches, and whether ``fisher_diagonal`` should shard them across ranks."""
+        if self.source_data is None:
+            return trainer.train_dataloader, False  # already one shard per rank under DDP
+        if isinstance(self.source_data, LightningDataModule):
+            self.source_data.setup("fit")
+            return self.source_data.train_dataloader(), True
+        return self.source_data, True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": {n: t.detach().cpu() for n, t in self._anchor.items()},
+            "fisher": {n: t.detach().cpu() for n, t in self._fisher.items()},
+            "tasks": self._tasks,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict.get("anchor"):
+            return
+        self._anchor = dict(state_dict["anchor"])
+        self._fisher = dict(state_dict["fisher"])
+        self._tasks = state_dict["tasks"]
+        self._restored = True
+
+
+class L2SP(QuadraticPenalty):
+    r"""L2-SP (Li, Grandvalet & Davoine 2018): pull pretrained weights towards their starting point.
+
+    Adds the gradients of ``alpha / 2 · ||w_s − w_s⁰||²`` over the ``pretrained`` parameters (``w_s⁰``:
+    their weights when training first starts; kept in checkpoints) and of ``beta / 2 · ||w_new||²``
+    over the ``new`` parameters. The ``beta`` term is plain L2 added to the gradient, not decoupled
+    weight decay, so with Adam-type optimizers it is rescaled like any gradient (as in the paper).
+
+    Args:
+        alpha: Strength of the pull towards the pretrained weights, ``>= 0``.
+        beta: Strength of the L2 penalty on the new parameters, ``>= 0``.
+        pretrained: Modules holding the pretrained weights (attribute paths or regexes).
+        new: Modules created for the target task, or ``None`` for no ``beta`` term.
+
+    Raises:
+        ValueError: If a strength is negative, both are zero, or the two selections share a parameter.
+        AttributeError: In ``setup``, if a selector matches no module (the message lists the children).
+
+    Example::
+
+        trainer = Trainer(callbacks=[L2SP(alpha=0.01, beta=0.01, pretrained="backbone", new="heads.target")])
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.01,
+        beta: float = 0.01,
+        pretrained: ModuleSelector = "backbone",
+        new: ModuleSelector | None = "heads.target",
+    ) -> None:
+        super().__init__(log_name="l2sp")
+        if alpha < 0 or beta < 0 or alpha == beta == 0:
+            raise ValueError(f"`alpha` and `beta` must be >= 0 and not both 0, got alpha={alpha}, beta={beta}")
+        self.alpha = alpha
+        self.beta = beta
+        self.pretrained = as_selector_list(pretrained)
+        self.new = None if new is None else as_selector_list(new)
+        self._pretrained_names: list[str] = []
+        self._new_names: list[str] = []
+        self._anchor: dict[str, Tensor] = {}
+        self._restored = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(pretrained=self.pretrained)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._pretrained_names = list(selected_parameters(pl_module, self.pretrained))
+        self._new_names = [] if self.new is None else list(selected_parameters(pl_module, self.new))
+        shared = sorted(set(self._pretrained_names) & set(self._new_names))
+        if shared:
+            raise ValueError(f"`pretrained` and `new` select the same parameters: {shared[:5]}")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pretrained = _named(pl_module, self._pretrained_names)
+        if self._restored:
+            self._restored = False
+            _check_state("checkpoint", self._anchor, pretrained)
+        elif not self._anchor:
+            self._anchor = {name: p.detach().clone() for name, p in pretrained.items()}
+        self._terms = [
+            _Term(self.alpha, list(pretrained.values()), [_like(self._anchor[n], p) for n, p in pretrained.items()]),
+            _Term(self.beta, list(_named(pl_module, self._new_names).values())),
+        ]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": {n: t.detach().cpu() for n, t in self._anchor.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("anchor"):
+            self._anchor = dict(state_dict["anchor"])
+            self._restored = True
+
+
+def _named(pl_module: LightningModule, names: list[str]) -> dict[str, Tensor]:
+    """Current parameter objects by name (looked up again after the strategy moved the model)."""
+    params = dict(pl_module.named_parameters())
+    return {name: params[name] for name in names}
+
+
+def _like(value: Tensor, param: Tensor) -> Tensor:
+    return value.to(device=param.device, dtype=param.dtype)
+
+
+def _check_state(source: str, tensors: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    reshaped = sorted(n for n, p in params.items() if n in tensors and tensors[n].shape != p.shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{source} does not match the selected parameters: missing={missing[:5]}, "
+            f"unexpected={unexpected[:5]}, wrong shape={reshaped[:5]}"
+        )
+
+
+def _normalized(fisher: dict[str, Tensor], normalize: str | None) -> dict[str, Tensor]:
+    if normalize is None:
+        return fisher
+    flat = torch.cat([f.flatten().float() for f in fisher.values()])
+    scale = flat.mean() if normalize == "mean" else flat.max()
+    if not scale > 0:
+        raise ValueError("the Fisher is zero everywhere; nothing to normalise (check `source_forward` and the data)")
+    return {name: f / scale.to(f.dtype) for name, f in fisher.items()}

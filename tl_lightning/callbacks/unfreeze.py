@@ -1,0 +1,332 @@
+"""Staged unfreezing (gradual unfreezing, ULMFiT / LP-FT) that survives schedulers, resuming and DDP."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from tl_lightning.callbacks._param_groups import groups_of_layers, partition_optimizers
+from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, match_layer_groups
+from tl_lightning.callbacks.freeze import keep_eval, modules_by_name, norm_layers, norm_parameter_names
+
+UNITS = ("epoch", "step")
+
+
+def all_reduce_grads_mean(params: Sequence[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the default process group, as DDP would.
+
+    One flat buffer per dtype; each gradient is divided by the world size before the sum, like DDP's
+    reducer. A missing gradient counts as zeros (and is then set), so every rank sends the same buffer.
+    """
+    world = dist.get_world_size()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
+        dist.all_reduce(flat)
+        for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(chunk.view_as(grad))
+
+
+class GradualUnfreeze(Callback):
+    r"""Unfreeze the selected modules in stages, from the output side, at epoch or step milestones.
+
+    Everything selected is frozen in ``setup()`` (before ``configure_optimizers`` and before DDP wraps
+    the model). At each milestone the next ``groups_per_milestone`` layer groups, counted from the
+    output side, become trainable; the last milestone unfreezes all that remains. LP-FT is
+    ``GradualUnfreeze(milestones=[k], groups_per_milestone=<number of groups>)`` or simply one milestone.
+
+    What makes it safe on any ``LightningModule``:
+
+    * at ``on_fit_start`` (before any step and before a checkpoint's optimizer state is restored) the
+      optimizers are repartitioned once so every layer group has named parameter groups of its own;
+      selected parameters the module did not pass to its optimizer are added then, frozen, and every
+      scheduler's per-group lists follow. No group is ever added mid-run.
+    * parameters unfrozen after DDP wrapped the model are not reduced by DDP; their gradients are
+      averaged across ranks in ``on_before_optimizer_step`` (after accumulation and AMP unscaling,
+      before clipping), so ranks stay identical.
+    * the stage is checkpointed as plain data; on resume it is re-applied at ``on_fit_start``, after
+      ``configure_optimizers`` saw the same all-frozen model as the original run did, so the
+      optimizer layout, and with it the saved optimizer state, matches exactly.
+    * frozen normalisation layers stay in eval mode (running statistics untouched) until unfrozen.
+
+    Args:
+        modules: Attribute path, regex or list of them selecting what to freeze and unfreeze.
+        milestones: Strictly increasing, non-negative epochs or optimizer steps (see ``unit``).
+        unit: ``"epoch"`` (``trainer.current_epoch``) or ``"step"`` (``trainer.global_step``; applied at
+            the start of a gradient-accumulation window).
+        groups_per_milestone: Layer groups unfrozen per milestone (the last one takes all the rest),
+            or a list with one count per milestone summing to the number of layer groups.
+        train_bn: Keep normalisation layers' affine parameters trainable and those layers in train mode
+            from the first step.
+        warmup_steps: Linear learning-rate warm-up, in optimizer steps, for each newly unfrozen block:
+            its groups' scheduled lr is multiplied by ``(k + 1) / (warmup_steps + 1)`` at the ``k``-th step
+            after unfreezing, only for that step, so any scheduler composes with it.
+        layer_groups: ``{group name: [parameter/module paths or regexes]}`` ordered input -> output,
+            overriding the modules' own ``layer_groups()`` / children order.
+
+    Raises:
+        ValueError: If an argument is invalid (the message lists the allowed values), or in
+            ``setup()`` if there are more milestones than layer groups to unfreeze, or on resume if the
+            checkpoint's layer groups differ.
+        AttributeError: In ``setup()``, if a selector matches no module.
+
+    Example::
+
+        # head only for 2 epochs, then one more layer group per epoch
+        trainer = Trainer(callbacks=[GradualUnfreeze(milestones=[2, 3, 4], warmup_steps=100)])
+    """
+
+    def __init__(
+        self,
+        modules: ModuleSelector = "backbone",
+        *,
+        milestones: Sequence[int],
+        unit: str = "epoch",
+        groups_per_milestone: int | Sequence[int] = 1,
+        train_bn: bool = False,
+        warmup_steps: int = 0,
+        layer_groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.modules = as_selector_list(modules)
+        self.milestones = _check_milestones(milestones)
+        if unit not in UNITS:
+            raise ValueError(f"`unit` must be one of {UNITS}, got {unit!r}")
+        self.unit = unit
+        self.groups_per_milestone = _check_groups_per_milestone(groups_per_milestone, len(self.milestones))
+        if not isinstance(train_bn, bool):
+            raise ValueError(f"`train_bn` must be True or False, got {train_bn!r}")
+        self.train_bn = train_bn
+        if not _is_int(warmup_steps) or warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        self.layer_groups = None if layer_groups is None else {k: list(v) for k, v in layer_groups.items()}
+
+        self._layers: dict[str, dict[str, nn.Parameter]] = {}
+        self._blocks: list[list[str]] = []
+        self._norms: dict[str, list[str]] = {}
+        self._stage = 0
+        self._unfrozen_at: list[int] = []
+        self._ddp_managed: set[int] = set()
+        self._sync: dict[int, list[nn.Parameter]] = {}
+        self._distributed = False
+        self._eval_modules: list[nn.Module] = []
+        self._trainer: pl.Trainer | None = None
+        self._hooks: list[RemovableHandle] = []
+        self._saved_lrs: list[tuple[dict[str, Any], Any]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules)
+
+    @property
+    def stage(self) -> int:
+        """How many milestones have been applied."""
+        return self._stage
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.layer_groups is not None:
+            names = match_layer_groups(pl_module, self.modules, self.layer_groups)
+        else:
+            names = layer_groups(pl_module, self.modules)
+        self._blocks = self._plan(list(names))
+        params = dict(pl_module.named_parameters())
+        self._layers = {layer: {n: params[n] for n in group} for layer, group in names.items()}
+        norms = norm_layers(pl_module, self.modules)
+        self._norms = _norms_by_layer(list(norms), self._layers)
+        trainable = norm_parameter_names(norms) if self.train_bn else set()
+        for group in self._layers.values():
+            for name, param in group.items():
+                param.requires_grad_(name in trainable)
+        self._stage = 0
+        self._unfrozen_at = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"blocks": self._blocks, "stage": self._stage, "unfrozen_at": list(self._unfrozen_at)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["blocks"] != self._blocks:
+            raise ValueError(
+                f"the checkpoint's {type(self).__name__} layer groups {state_dict['blocks']} differ from "
+                f"this model's {self._blocks}"
+            )
+        self._stage = state_dict["stage"]
+        self._unfrozen_at = list(state_dict["unfrozen_at"])
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # 1. one named group per layer group, frozen parameters added, schedulers remapped
+        partition_optimizers(trainer, self._layers)
+        # 2. what DDP reduces: what required grad when it wrapped the model (everything selected is frozen)
+        self._ddp_managed = {id(p) for group in self._layers.values() for p in group.values() if p.requires_grad}
+        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # 3. the stage restored from a checkpoint, if any
+        self._apply(trainer, pl_module)
+        self._trainer = trainer
+        if self.warmup_steps:
+            for optimizer in trainer.optimizers:
+                self._hooks.append(optimizer.register_step_pre_hook(self._warm_up))
+                self._hooks.append(optimizer.register_step_post_hook(self._restore_lrs))
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._advance(trainer, pl_module, trainer.current_epoch if self.unit == "epoch" else trainer.global_step)
+        keep_eval(self._eval_modules)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.unit == "step" and batch_idx % trainer.accumulate_grad_batches == 0:
+            self._advance(trainer, pl_module, trainer.global_step)
+        keep_eval(self._eval_modules)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        params = self._sync.get(id(optimizer))
+        if self._distributed and params:
+            all_reduce_grads_mean(params)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._trainer = None
+
+    def _plan(self, groups: list[str]) -> list[list[str]]:
+        """Split the layer groups, output side first, into one block per milestone."""
+        output_first = groups[::-1]
+        if isinstance(self.groups_per_milestone, int):
+            counts = [self.groups_per_milestone] * (len(self.milestones) - 1)
+            if sum(counts) >= len(groups):
+                raise ValueError(
+                    f"{len(self.milestones)} milestones unfreezing {self.groups_per_milestone} layer group(s) each "
+                    f"need more than {sum(counts)} layer groups, but {self.modules} has {len(groups)}: {groups}"
+                )
+            counts.append(len(groups) - sum(counts))
+        else:
+            counts = list(self.groups_per_milestone)
+            if sum(counts) != len(groups):
+                raise ValueError(
+                    f"`groups_per_milestone` {counts} must sum to the number of layer groups of {self.modules}, "
+                    f"{len(groups)}: {groups}"
+                )
+        ends = [sum(counts[: i + 1]) for i in range(len(counts))]
+        return [output_first[end - count : end] for count, end in zip(counts, ends)]
+
+    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position: int) -> None:
+        target = bisect_right(self.milestones, position)
+        if target <= self._stage:
+            return
+        while self._stage < target:
+            self._unfrozen_at.append(trainer.global_step)
+            self._stage += 1
+        self._apply(trainer, pl_module)
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make the first ``stage`` blocks trainable and refresh what depends on it."""
+        unfrozen = [layer for block in self._blocks[: self._stage] for layer in block]
+        for layer in unfrozen:
+            for param in self._layers[layer].values():
+                param.requires_grad_(True)
+            for module in modules_by_name(pl_module, self._norms[layer]):
+                module.train(pl_module.training)
+        frozen = [layer for block in self._blocks[self._stage :] for layer in block]
+        frozen_norms = [name for layer in frozen for name in self._norms[layer]]
+        self._eval_modules = [] if self.train_bn else modules_by_name(pl_module, frozen_norms)
+        keep_eval(self._eval_modules)
+        late = [p for layer in unfrozen for p in self._layers[layer].values() if id(p) not in self._ddp_managed]
+        self._sync = {}
+        for optimizer in trainer.optimizers:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._sync[id(optimizer)] = [p for p in late if id(p) in held]
+
+    def _warm_up(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        assert self._trainer is not None
+        step = self._trainer.global_step
+        warming = [
+            (block, (step - start + 1) / (self.warmup_steps + 1))
+            for block, start in zip(self._blocks, self._unfrozen_at)
+            if step - start < self.warmup_steps
+        ]
+        if not warming:
+            return
+        groups = groups_of_layers(optimizer, self._layers)
+        for block, factor in warming:
+            for group in (g for layer in block for g in groups[layer]):
+                self._saved_lrs.append((group, group["lr"]))
+                group["lr"] = group["lr"] * factor
+
+    def _restore_lrs(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        for group, lr in self._saved_lrs:
+            group["lr"] = lr
+        self._saved_lrs.clear()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_milestones(milestones: Sequence[int]) -> list[int]:
+    values = list(milestones) if isinstance(milestones, Sequence) and not isinstance(milestones, str) else None
+    if (
+        not values
+        or not all(_is_int(m) and m >= 0 for m in values)
+        or any(a >= b for a, b in zip(values, values[1:]))
+    ):
+        raise ValueError(
+            f"`milestones` must be a non-empty, strictly increasing list of integers >= 0, got {milestones!r}"
+        )
+    return values
+
+
+def _check_groups_per_milestone(value: int | Sequence[int], n_milestones: int) -> int | list[int]:
+    if _is_int(value) and value >= 1:
+        return value
+    if isinstance(value, Sequence) and len(value) == n_milestones and all(_is_int(v) and v >= 1 for v in value):
+        return list(value)
+    raise ValueError(
+        f"`groups_per_milestone` must be an integer >= 1 or a list of {n_milestones} integers >= 1 "
+        f"(one per milestone), got {value!r}"
+    )
+
+
+def _norms_by_layer(norms: list[str], layers: Mapping[str, Mapping[str, nn.Parameter]]) -> dict[str, list[str]]:
+    """Assign each normalisation layer to the layer group of its weight, else of the closest parameter by path."""
+    layer_of = {name: layer for layer, params in layers.items() for name in params}
+    found: dict[str, list[str]] = {layer: [] for layer in layers}
+    for norm in norms:
+        owner = f"{norm}.weight"
+        if owner not in layer_of:
+            parts = norm.split(".")
+            owner = max(layer_of, key=lambda name: _shared_prefix(parts, name.split(".")))
+        found[layer_of[owner]].append(norm)
+    return found
+
+
+def _shared_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,120 @@
+"""Shared plumbing of the classification data modules: splits, checks, loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from tl_lightning.backbones import DataConfig
+
+
+def as_data_config(data_config: DataConfig | dict) -> DataConfig:
+    """Accept the backbone's ``DataConfig`` or a plain mapping of the same fields."""
+    if isinstance(data_config, DataConfig):
+        return data_config
+    fields = dict(data_config)
+    fields["input_size"] = tuple(fields["input_size"])
+    fields["mean"], fields["std"] = tuple(fields["mean"]), tuple(fields["std"])
+    return DataConfig(**fields)
+
+
+def check_split(labels: Sequence[int], num_classes: int, split: str) -> None:
+    """Stop before training on an empty split or one missing a class.
+
+    Raises:
+        ValueError: Naming the split and the missing class indices.
+    """
+    if len(labels) == 0:
+        raise ValueError(f"the {split} split is empty")
+    missing = sorted(set(range(num_classes)) - set(int(y) for y in labels))
+    if missing:
+        raise ValueError(f"the {split} split has no example of classes {missing}")
+
+
+def take_per_class(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Indices of ``per_class`` examples of every class (all when ``None``), drawn with ``seed``.
+
+    Raises:
+        ValueError: If ``per_class`` < 1 or larger than what a class has, naming ``data.train_per_class``.
+    """
+    if per_class is None:
+        return np.arange(len(labels))
+    if per_class < 1:
+        raise ValueError(f"data.train_per_class must be >= 1 or null, got {per_class}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(labels):
+        pool = np.flatnonzero(labels == cls)
+        if per_class > len(pool):
+            raise ValueError(
+                f"data.train_per_class={per_class} but class {cls} has only {len(pool)} training examples"
+            )
+        chosen.append(rng.choice(pool, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base for image-classification data: subclasses fill ``train_set``/``val_set``/``test_set``.
+
+    Args:
+        data_config: The backbone's preprocessing (mean, std, input size, interpolation).
+        batch_size: Samples per batch for every split.
+        num_workers: ``DataLoader`` worker processes.
+        augment: Random training augmentation; when ``False`` training transforms are
+            deterministic (which feature caching relies on).
+
+    Raises:
+        ValueError: If ``batch_size`` < 1 or ``num_workers`` < 0.
+    """
+
+    def __init__(self, data_config: DataConfig | dict, batch_size: int, num_workers: int, augment: bool) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need data.batch_size >= 1 and data.num_workers >= 0, got {batch_size}, {num_workers}")
+        self.data_config = as_data_config(data_config)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.class_names: list[str] = []
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, known after ``setup()``."""
+        if not self.class_names:
+            self.setup("fit")
+        return len(self.class_names)
+
+    @property
+    def deterministic_train(self) -> bool:
+        """Whether a training sample always maps to the same tensor (no random augmentation)."""
+        return not self.augment
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+def subset(dataset: Dataset, indices: Sequence[int]) -> Subset:
+    return Subset(dataset, [int(i) for i in indices])

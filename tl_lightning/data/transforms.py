@@ -1,0 +1,34 @@
+"""Image transforms built from the backbone's ``DataConfig`` (never from hard-coded statistics)."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from tl_lightning.backbones import DataConfig
+
+
+def image_transform(data_config: DataConfig, train: bool, augment: bool, image_size: int | None = None) -> v2.Compose:
+    """PIL image -> normalised float tensor at the backbone's resolution.
+
+    Args:
+        data_config: The backbone's preprocessing.
+        train: Whether this is the training split (augmentation only applies there).
+        augment: Random resized crop and horizontal flip on the training split.
+        image_size: Output side length; ``None`` uses the backbone's input size.
+    """
+    size = image_size or data_config.input_size[-1]
+    interpolation = InterpolationMode(data_config.interpolation)
+    if train and augment:
+        geometry = [v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            *geometry,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(data_config.mean), list(data_config.std)),
+        ]
+    )

@@ -1,0 +1,145 @@
+"""``TransferModule``: a pretrained backbone with named heads, metrics and named parameter groups."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+
+from tl_lightning.backbones import Backbone
+from tl_lightning.optim import named_param_groups
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., object]
+
+
+class TransferModule(pl.LightningModule):
+    """Backbone + named heads (``target``, and ``source`` when the weights bring a classifier).
+
+    The source head is never trained (its parameters are frozen): it measures what the backbone
+    still knows of the source task.
+
+    The target head is trained with cross-entropy; accuracy and macro F1 are logged for
+    train/val/test. Every parameter, frozen or not, sits in a named optimizer group from the start
+    (one per layer group, plus a ``/no_decay`` twin for norms and biases), so callbacks that unfreeze
+    or rescale learning rates never have to add a group.
+
+    Args:
+        backbone: The feature extractor; its source head, if any, becomes ``heads["source"]``.
+        head: The new classifier for the target task.
+        num_classes: Number of target classes.
+        optimizer: Partial optimizer, called with the parameter groups (Hydra ``_partial_: true``).
+        scheduler: Optional partial LR scheduler called with the optimizer; if its signature has an
+            unbound ``total_steps`` it receives ``trainer.estimated_stepping_batches``. Stepped every
+            optimizer step (every epoch, monitoring ``val/loss``, for ``ReduceLROnPlateau``).
+        label_smoothing: Cross-entropy label smoothing in ``[0, 1)``.
+        weight_decay: Weight decay of the regular groups (norms and biases get none).
+
+    Raises:
+        ValueError: If ``label_smoothing`` or ``weight_decay`` is out of range.
+
+    Example::
+
+        module = TransferModule(efficientnet_lite0(), LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-3))
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        label_smoothing: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"module.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if weight_decay < 0:
+            raise ValueError(f"module.weight_decay must be >= 0, got {weight_decay}")
+        self.save_hyperparameters(
+            {"num_classes": num_classes, "label_smoothing": label_smoothing, "weight_decay": weight_decay}
+        )
+        self.backbone = backbone
+        heads = {"target": head}
+        source_head = backbone.pop_source_head()
+        if source_head is not None:
+            heads["source"] = source_head.requires_grad_(False)  # a fixed probe of the source task
+        self.heads = nn.ModuleDict(heads)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        metrics = torchmetrics.MetricCollection(
+            {
+                "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro"),
+                "f1": torchmetrics.classification.MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Target-task logits."""
+        return self.heads["target"](self.backbone(x))
+
+    def source_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the pretrained source head (e.g. the 1000 ImageNet classes).
+
+        Raises:
+            AttributeError: If the backbone brought no source head.
+        """
+        if "source" not in self.heads:
+            raise AttributeError(f"backbone {self.backbone.name!r} brought no source head")
+        return self.heads["source"](self.backbone(x))
+
+    def layer_groups(self) -> dict[str, list[str]]:
+        """Parameter names per layer group, ordered input -> output: backbone groups, then heads."""
+        groups = {f"backbone.{g}": [f"backbone.{n}" for n in names] for g, names in self.backbone.layer_groups().items()}
+        for head_name, head in self.heads.items():
+            groups[f"heads.{head_name}"] = [f"heads.{head_name}.{n}" for n, _ in head.named_parameters()]
+        return groups
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        metrics.update(logits.detach(), y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train")
+        self.log_dict(metrics, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.test_metrics, "test")
+
+    def configure_optimizers(self):
+        groups = named_param_groups(self, self.layer_groups(), self.hparams.weight_decay)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self._build_scheduler(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
+        else:
+            config = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer):
+        factory = self.scheduler_factory
+        target = getattr(factory, "func", factory)
+        bound = getattr(factory, "keywords", {})
+        wants_total = "total_steps" in inspect.signature(target).parameters and "total_steps" not in bound
+        if wants_total:
+            return factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return factory(optimizer)

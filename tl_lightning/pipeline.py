@@ -1,0 +1,146 @@
+"""``train(cfg)``: the one place that turns a composed Hydra config into objects and runs them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, test the best checkpoint, write ``metrics.json`` and return the monitored metric.
+
+    Steps: 1. check the config; 2. seed; 3. build backbone -> data -> head -> module -> callbacks,
+    loggers, trainer; 4. fit (optionally resuming from ``ckpt_path``); 5. test the best checkpoint;
+    6. write ``metrics.json`` in ``paths.output_dir`` (global rank 0 only).
+
+    Args:
+        cfg: The composed config (``conf/train.yaml``).
+
+    Returns:
+        The best value of ``cfg.monitor`` (for Hydra sweepers), or ``None`` if never logged.
+
+    Raises:
+        ValueError: On a bad config value or a checkpoint from another model, before training.
+    """
+    started = time.perf_counter()
+    _check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    backbone = instantiate(cfg.backbone)
+    datamodule = instantiate(cfg.data, data_config=backbone.data_config)
+    datamodule.setup("fit")  # an empty or corrupt dataset stops here, before any model work
+    head = _build_head(cfg.head, backbone.num_features, datamodule.num_classes)
+    module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=datamodule.num_classes)
+    callbacks = _instantiate_group(cfg.callbacks, "callbacks")
+    loggers = _instantiate_group(cfg.logger, "logger")
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.ckpt_path:
+        check_checkpoint_matches(cfg.ckpt_path, module)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    final_val = _scalars(trainer.callback_metrics, prefix="val/")
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+
+    best = _best_score(checkpoint, final_val, cfg.monitor)
+    if trainer.is_global_zero:
+        metrics = {
+            "strategy": cfg.strategy_name,
+            "monitor": cfg.monitor,
+            "best": {cfg.monitor: best},
+            "final": final_val,
+            "test": test_results[0] if test_results else {},
+            "best_checkpoint": best_path,
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            "params": _parameter_counts(module),
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
+        out = Path(cfg.paths.output_dir) / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2))
+        log.info("metrics written to %s: test %s", out, metrics["test"])
+    return best
+
+
+def _check_config(cfg: DictConfig) -> None:
+    """Reject values that would only fail (or silently misbehave) after training started."""
+    optimizer = cfg.module.optimizer
+    for key in ("lr", "weight_decay"):
+        value = optimizer.get(key)
+        if value is not None and (value < 0 or (key == "lr" and value == 0)):
+            raise ValueError(f"module.optimizer.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {value}")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+
+
+def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> torch.nn.Module:
+    """The head gets its sizes from the backbone and the data; an explicit mismatch is an error."""
+    for key, actual in (("in_features", num_features), ("num_classes", num_classes)):
+        given = head_cfg.get(key)
+        if given is not None and given != actual:
+            source = "the backbone's feature size" if key == "in_features" else "the data's class count"
+            raise ValueError(f"head.{key}={given} does not match {source} ({actual}); remove the key")
+    head_cfg = OmegaConf.masked_copy(head_cfg, [k for k in head_cfg if k not in ("in_features", "num_classes")])
+    return instantiate(head_cfg, in_features=num_features, num_classes=num_classes)
+
+
+def _instantiate_group(group: DictConfig | None, key: str) -> list:
+    """Instantiate every entry of a name -> ``_target_`` mapping; ``null`` entries are switched off.
+
+    Raises:
+        ValueError: If an entry has no ``_target_`` (never skipped silently).
+    """
+    objects = []
+    for name, node in (group or {}).items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ValueError(f"{key}.{name} has no _target_; set one or disable the entry with {key}.{name}=null")
+        objects.append(instantiate(node))
+    return objects
+
+
+def check_checkpoint_matches(path: str, module: torch.nn.Module) -> None:
+    """Stop before training when a checkpoint's weights do not fit ``module``.
+
+    Raises:
+        ValueError: Naming the first mismatched parameters.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"ckpt_path={path!r} was saved from another model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
+        )
+
+
+def _scalars(metrics: dict, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _best_score(checkpoint, final_val: dict[str, float], monitor: str) -> float | None:
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    return final_val.get(monitor)
+
+
+def _parameter_counts(module: torch.nn.Module) -> dict[str, int]:
+    params = list(module.parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
