@@ -41,7 +41,10 @@ def _model() -> nn.Module:
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     sizes = (7, 5, 6)
-    return [(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)) for n in sizes]
+    return [
+        (torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+        for n in sizes
+    ]
 
 
 def _reference(model: nn.Module, batches, mode: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -60,11 +63,13 @@ def _reference(model: nn.Module, batches, mode: str, seed: int = 0) -> dict[str,
                 labels, weights = range(NUM_CLASSES), probs
             else:
                 labels, weights = [int(y[j])], torch.ones(1)
-            for label, weight in zip(labels, weights):
+            for label, weight in zip(labels, weights, strict=True):
                 grads = torch.autograd.grad(
-                    F.cross_entropy(logits, torch.tensor([label])), list(model.parameters()), retain_graph=True
+                    F.cross_entropy(logits, torch.tensor([label])),
+                    list(model.parameters()),
+                    retain_graph=True,
                 )
-                for (name, _), g in zip(model.named_parameters(), grads):
+                for (name, _), g in zip(model.named_parameters(), grads, strict=True):
                     total[name] += weight * g.square()
             count += 1
     return {name: t / count for name, t in total.items()}
@@ -91,7 +96,7 @@ def test_mean_gradient_squared_is_not_the_fisher():
     buggy = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for x, y in batches:  # Avalanche-style: square the gradient of the mini-batch mean loss
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-        for (name, _), g in zip(model.named_parameters(), grads):
+        for (name, _), g in zip(model.named_parameters(), grads, strict=True):
             buggy[name] += g.square() / len(batches)
     with pytest.raises(AssertionError):
         _assert_close(buggy, fisher, rtol=0.1)

@@ -1,4 +1,4 @@
-"""EWC and L2SP add exactly the penalty's gradient, once per optimizer step, and resume without recomputing."""
+"""EWC and L2SP add exactly the penalty's gradient, once per optimizer step; resume does not recompute."""
 
 import copy
 
@@ -38,7 +38,9 @@ class Tiny(LightningModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)), 4)
+        return DataLoader(
+            TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)), 4
+        )
 
 
 class GradTap(Callback):
@@ -55,8 +57,15 @@ class GradTap(Callback):
 
 def _trainer(tmp_path, callbacks, **kwargs) -> Trainer:
     defaults = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
     )
     return Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
@@ -107,8 +116,12 @@ def test_ewc_adds_autograd_penalty_gradient_once_per_step(tmp_path, accumulate):
         if name in state["anchor"]:
             assert torch.equal(state["anchor"][name], p.detach()), name
     raw = fisher_diagonal(
-        initial, initial.train_dataloader(), mode="sampled", max_samples=12,
-        params=list(state["anchor"]), method="source_logits",
+        initial,
+        initial.train_dataloader(),
+        mode="sampled",
+        max_samples=12,
+        params=list(state["anchor"]),
+        method="source_logits",
     )
     mean = torch.cat([f.flatten() for f in raw.values()]).mean()
     for name, value in raw.items():
@@ -162,7 +175,9 @@ def test_resume_restores_anchor_and_fisher_without_recomputing(tmp_path, monkeyp
 
 def test_online_ewc_decays_and_moves_anchor(tmp_path):
     model = Tiny()
-    ewc = EWC(lambda_=1.0, source_forward="source_logits", fisher_samples=8, online=True, gamma=0.5, normalize=None)
+    ewc = EWC(
+        lambda_=1.0, source_forward="source_logits", fisher_samples=8, online=True, gamma=0.5, normalize=None
+    )
     _trainer(tmp_path, [ewc]).fit(model)
     first = ewc.state_dict()
     after_first = copy.deepcopy(model)
@@ -171,8 +186,13 @@ def test_online_ewc_decays_and_moves_anchor(tmp_path):
 
     names = list(first["anchor"])
     fresh = fisher_diagonal(
-        after_first, after_first.train_dataloader(), mode="sampled", max_samples=8,
-        params=names, method="source_logits", seed=1,
+        after_first,
+        after_first.train_dataloader(),
+        mode="sampled",
+        max_samples=8,
+        params=names,
+        method="source_logits",
+        seed=1,
     )
     current = dict(after_first.named_parameters())
     for name in names:

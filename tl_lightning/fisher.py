@@ -226,7 +226,7 @@ def _unpack(batch: Any, mode: str) -> tuple[Tensor, Tensor | None]:
     else:
         raise TypeError(f"Fisher batches must be (x, y) pairs or tensors x, got {type(batch).__name__}")
     if mode == "empirical" and not isinstance(y, Tensor):
-        raise TypeError("`mode='empirical'` needs (x, y) batches with label tensors; use 'sampled' without labels")
+        raise TypeError("`mode='empirical'` needs (x, y) batches with labels; use 'sampled' without labels")
     return x, (y if mode == "empirical" else None)
 
 

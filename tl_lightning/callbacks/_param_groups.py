@@ -92,7 +92,7 @@ def partition_optimizer(
     """
     layer_of = {id(p): layer for layer, params in layers.items() for p in params.values()}
     order = {layer: i for i, layer in enumerate(layers)}
-    groups = optimizer.param_groups
+    groups = list(optimizer.param_groups)
     present = {id(p) for group in groups for p in group["params"]}
     appended: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for layer, params in layers.items() if add_missing else ():

@@ -93,7 +93,7 @@ class LayerwiseLR(Callback):
         factor_of = {id(p): self.factors[layer] for layer, group in self._layers.items() for p in group.values()}
         for optimizer in trainer.optimizers:
             factors = [factor_of.get(id(group["params"][0]), 1.0) if group["params"] else 1.0
-                       for group in optimizer.param_groups]
+                for group in optimizer.param_groups]
             scale_lrs(optimizer, factors, optimizer_schedulers(trainer, optimizer))
 
     @override
@@ -103,12 +103,12 @@ class LayerwiseLR(Callback):
 
     def _factors(self, groups: list[str]) -> dict[str, float]:
         factors = {name: self.decay ** (len(groups) - i) for i, name in enumerate(groups)}
+        claimed: set[str] = set()
         for pattern, factor in self.lrs.items():
             matched = [name for name in groups if name == pattern or re.fullmatch(pattern, name)]
             if not matched:
                 raise ValueError(f"`lrs` key {pattern!r} matches no layer group of {self.modules}: {groups}")
-        for name in groups:
-            factor = next((f for p, f in self.lrs.items() if name == p or re.fullmatch(p, name)), None)
-            if factor is not None:
+            for name in set(matched) - claimed:
                 factors[name] = float(factor)
+            claimed.update(matched)
         return factors

@@ -37,7 +37,7 @@ NORMALIZE_MODES: tuple[str | None, ...] = ("mean", "max", None)
 
 @dataclass
 class _Term:
-    """``strength / 2 · Σ importance · (param − anchor)²``; ``anchor=None`` is zero, ``importance=None`` is one."""
+    """``strength / 2 · Σ importance · (param − anchor)²``; ``None`` anchors are 0, ``None`` importances 1."""
 
     strength: float
     params: list[Tensor]
@@ -46,12 +46,20 @@ class _Term:
 
     def apply(self, stepped: set[int], with_value: bool) -> Tensor | None:
         """Add the term's gradient to ``.grad`` of the stepped parameters; return its value if asked."""
-        index = [i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad and id(p) in stepped]
+        index = [
+            i
+            for i, p in enumerate(self.params)
+            if p.grad is not None and p.requires_grad and id(p) in stepped
+        ]
         if not index:
             return None
         params = [self.params[i] for i in index]
-        diffs = params if self.anchors is None else torch._foreach_sub(params, [self.anchors[i] for i in index])
-        weighted = diffs if self.importances is None else torch._foreach_mul(diffs, [self.importances[i] for i in index])
+        diffs = params
+        if self.anchors is not None:
+            diffs = torch._foreach_sub(params, [self.anchors[i] for i in index])
+        weighted = diffs
+        if self.importances is not None:
+            weighted = torch._foreach_mul(diffs, [self.importances[i] for i in index])
         torch._foreach_add_([p.grad for p in params], weighted, alpha=self.strength)
         if not with_value:
             return None
@@ -74,7 +82,9 @@ class QuadraticPenalty(Callback):
         self._terms: list[_Term] = []
 
     @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
+    ) -> None:
         if not self._terms:
             return
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -154,10 +164,12 @@ class EWC(QuadraticPenalty):
                 "`fisher_mode='empirical'` needs `source_data` with source-task labels; the trainer's "
                 "batches carry target labels. Use 'sampled' or 'exact', or pass `source_data`."
             )
-        if fisher_samples < 1 or fisher_chunk_size < 1:
-            raise ValueError(f"`fisher_samples` and `fisher_chunk_size` must be >= 1, got {fisher_samples}, {fisher_chunk_size}")
+        if fisher_chunk_size < 1:
+            raise ValueError(f"`fisher_chunk_size` must be >= 1, got {fisher_chunk_size}")
+        if fisher_samples < 1:
+            raise ValueError(f"`fisher_samples` must be >= 1, got {fisher_samples}")
         if fisher_path is not None and fisher_save_path is not None:
-            raise ValueError("pass either `fisher_path` (load) or `fisher_save_path` (compute and save), not both")
+            raise ValueError("pass `fisher_path` (load) or `fisher_save_path` (compute and save), not both")
         if fisher_path is not None and online:
             raise ValueError("`fisher_path` fixes the importance; it cannot be combined with `online=True`")
         if not 0 < gamma <= 1:
@@ -195,7 +207,9 @@ class EWC(QuadraticPenalty):
         if stage != "fit":
             return
         if not callable(getattr(pl_module, self.source_forward, None)):
-            raise AttributeError(f"{type(pl_module).__name__} has no method {self.source_forward!r} (`source_forward`)")
+            raise AttributeError(
+                f"{type(pl_module).__name__} has no `source_forward` method {self.source_forward!r}"
+            )
         self._names = list(selected_parameters(pl_module, self.modules))
         if not self._names:
             raise ValueError(f"modules {self.modules} hold no parameters to penalise")
@@ -302,7 +316,7 @@ class L2SP(QuadraticPenalty):
     ) -> None:
         super().__init__(log_name="l2sp")
         if alpha < 0 or beta < 0 or alpha == beta == 0:
-            raise ValueError(f"`alpha` and `beta` must be >= 0 and not both 0, got alpha={alpha}, beta={beta}")
+            raise ValueError(f"`alpha` and `beta` must be >= 0 and not both 0, got {alpha=}, {beta=}")
         self.alpha = alpha
         self.beta = beta
         self.pretrained = as_selector_list(pretrained)
@@ -335,8 +349,9 @@ class L2SP(QuadraticPenalty):
             _check_state("checkpoint", self._anchor, pretrained)
         elif not self._anchor:
             self._anchor = {name: p.detach().clone() for name, p in pretrained.items()}
+        anchors = [_like(self._anchor[n], p) for n, p in pretrained.items()]
         self._terms = [
-            _Term(self.alpha, list(pretrained.values()), [_like(self._anchor[n], p) for n, p in pretrained.items()]),
+            _Term(self.alpha, list(pretrained.values()), anchors),
             _Term(self.beta, list(_named(pl_module, self._new_names).values())),
         ]
 
@@ -377,5 +392,7 @@ def _normalized(fisher: dict[str, Tensor], normalize: str | None) -> dict[str, T
     flat = torch.cat([f.flatten().float() for f in fisher.values()])
     scale = flat.mean() if normalize == "mean" else flat.max()
     if not scale > 0:
-        raise ValueError("the Fisher is zero everywhere; nothing to normalise (check `source_forward` and the data)")
+        raise ValueError(
+            "the Fisher is zero everywhere, nothing to normalise; check `source_forward` and the data"
+        )
     return {name: f / scale.to(f.dtype) for name, f in fisher.items()}

@@ -253,7 +253,6 @@ class GradualUnfreeze(Callback):
         frozen = [layer for block in self._blocks[self._stage :] for layer in block]
         frozen_norms = [name for layer in frozen for name in self._norms[layer]]
         self._eval_modules = [] if self.train_bn else modules_by_name(pl_module, frozen_norms)
-        keep_eval(self._eval_modules)
         late = [p for layer in unfrozen for p in self._layers[layer].values() if id(p) not in self._ddp_managed]
         self._sync = {}
         for optimizer in trainer.optimizers:
