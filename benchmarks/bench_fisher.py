@@ -41,8 +41,7 @@ def small_convnet(num_classes: int = 10) -> nn.Module:
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:
-    """Minimum wall time of ``repeat`` calls after one warm-up call."""
-    fn()
+    """Minimum wall time of ``repeat`` calls (warm up separately, on a small input)."""
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -68,12 +67,27 @@ def batched_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: 
 
 
 def fisher_rows(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, repeat: int):
-    vectorised = best_of(lambda: fisher_diagonal(model, [(x, y)], chunk_size=chunk), repeat)
-    loop = best_of(lambda: per_sample_loop(model, x, y), repeat)
-    batched = best_of(lambda: batched_backward(model, x, y, chunk), repeat)
+    methods = {
+        "vectorised": lambda xs, ys: fisher_diagonal(model, [(xs, ys)], chunk_size=chunk),
+        "loop": lambda xs, ys: per_sample_loop(model, xs, ys),
+        "batched": lambda xs, ys: batched_backward(model, xs, ys, chunk),
+    }
+    for method in methods.values():
+        method(x[:2], y[:2])  # warm-up
+    t = {key: best_of(lambda m=method: m(x, y), repeat) for key, method in methods.items()}
     return [
-        (f"{name}: per-sample loop / vectorised", loop / vectorised, ">= 5x", f"{loop:.3f}s / {vectorised:.3f}s"),
-        (f"{name}: vectorised / batched fwd+bwd", vectorised / batched, "<= 3x", f"{vectorised:.3f}s / {batched:.3f}s"),
+        (
+            f"{name}: loop / vectorised",
+            t["loop"] / t["vectorised"],
+            ">= 5x",
+            f"{t['loop']:.2f}s / {t['vectorised']:.2f}s",
+        ),
+        (
+            f"{name}: vectorised / batched fwd+bwd",
+            t["vectorised"] / t["batched"],
+            "<= 3x",
+            f"{t['vectorised']:.2f}s / {t['batched']:.2f}s",
+        ),
     ]
 
 
@@ -82,7 +96,9 @@ def ewc_overhead_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     params = list(model.parameters())
     ewc = EWC(lambda_=1.0, modules="0")
-    ewc._terms = [_Term(1.0, params, [p.detach().clone() for p in params], [torch.rand_like(p) for p in params])]
+    ewc._terms = [
+        _Term(1.0, params, [p.detach().clone() for p in params], [torch.rand_like(p) for p in params])
+    ]
     trainer = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=False))
     model.train()
 
@@ -100,11 +116,18 @@ def ewc_overhead_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
         plain.append(step(False))
         penalised.append(step(True))
     ratio = statistics.median(penalised) / statistics.median(plain)
-    return (f"{name}: EWC step / plain step", ratio, "<= 1.05x", f"{statistics.median(plain) * 1e3:.1f} ms/step")
+    return (
+        f"{name}: EWC step / plain step",
+        ratio,
+        "<= 1.05x",
+        f"{statistics.median(plain) * 1e3:.1f} ms/step",
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--no-timm", action="store_true", help="skip tf_efficientnet_lite0")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -108,6 +108,10 @@ class Recorder(pl.Callback):
         self.lrs: list[dict[str, float]] = []
         self.trainable: list[set[str]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.lrs.append({g["name"]: g["lr"] for opt in trainer.optimizers for g in opt.param_groups})
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.lrs.append(
+            {g.get("name", "other"): g["lr"] for opt in trainer.optimizers for g in opt.param_groups}
+        )
         self.trainable.append({n for n, p in pl_module.named_parameters() if p.requires_grad})

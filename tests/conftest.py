@@ -24,13 +24,13 @@ FAST = [
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    """``make_cfg(*overrides)`` -> the composed ``train`` config, shrunk, writing under ``tmp_path``."""
+    """``make_cfg(*overrides, run="name")`` -> the composed ``train`` config, shrunk, writing to ``tmp_path/run``."""
 
-    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+    def _make(*overrides: str, fast: bool = True, run: str = "run") -> DictConfig:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(
                 "train",
-                overrides=[*(FAST if fast else []), f"paths.output_dir={tmp_path}", *overrides],
+                overrides=[*(FAST if fast else []), f"paths.output_dir={tmp_path / run}", *overrides],
             )
 
     return _make

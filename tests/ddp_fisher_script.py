@@ -50,11 +50,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
-    save_file(_all_modes(), str(Path(out_dir) / "single.safetensors"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, out_dir), nprocs=2, join=True)
+    # fork before this process computes anything: no second torch import, no inherited thread pools
+    mp.start_processes(_worker, args=(port, out_dir), nprocs=2, join=True, start_method="fork")
+    save_file(_all_modes(), str(Path(out_dir) / "single.safetensors"))
 
 
 if __name__ == "__main__":

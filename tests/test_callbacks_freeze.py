@@ -52,7 +52,9 @@ def test_train_bn_trains_affine_and_statistics_from_first_step(tmp_path):
 
     class Probe(Freeze):
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            trainable.append({n for n, m in pl_module.named_modules() if isinstance(m, nn.BatchNorm1d) and m.training})
+            trainable.append(
+                {n for n, m in pl_module.named_modules() if isinstance(m, nn.BatchNorm1d) and m.training}
+            )
 
     make_trainer(tmp_path, 1, [Probe(train_bn=True)], max_steps=1).fit(model, dataloader())
     after = state(model)

@@ -38,7 +38,8 @@ def test_weight_decay_split_stays_split(net):
     decay = [m.weight for m in net]
     no_decay = [m.bias for m in net]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0}], lr=1.0
+        [{"params": decay, "weight_decay": 0.1, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1.0,
     )
     partition_optimizer(opt, layers_of(net))
     assert names(opt) == ["decay", "other", "l0/decay", "l0", "l1/decay", "l1"]
@@ -89,7 +90,10 @@ def test_names_unnamed_groups_without_splitting(net):
 
 def test_scheduler_lists_follow_their_source_group(net):
     opt = torch.optim.SGD(
-        [{"params": [net[0].weight, net[1].weight, net[2].weight]}, {"params": [net[0].bias, net[1].bias, net[2].bias]}],
+        [
+            {"params": [net[0].weight, net[1].weight, net[2].weight]},
+            {"params": [net[0].bias, net[1].bias, net[2].bias]},
+        ],
         lr=1.0,
         momentum=0.9,
     )
@@ -97,7 +101,9 @@ def test_scheduler_lists_follow_their_source_group(net):
     plateau = lr_scheduler.ReduceLROnPlateau(opt, min_lr=[0.2, 0.3])
     cyclic = lr_scheduler.CyclicLR(opt, base_lr=[0.1, 0.01], max_lr=[1.0, 0.5])
     seq = lr_scheduler.SequentialLR(
-        opt, [lr_scheduler.LinearLR(opt, 0.1, total_iters=2), lr_scheduler.CosineAnnealingLR(opt, 5)], milestones=[2]
+        opt,
+        [lr_scheduler.LinearLR(opt, 0.1, total_iters=2), lr_scheduler.CosineAnnealingLR(opt, 5)],
+        milestones=[2],
     )
     partition_optimizer(opt, layers_of(net), [lam, plateau, cyclic, seq])
     # source group of each new group: 0 = weights, 1 = biases
@@ -127,12 +133,16 @@ def test_param_names_are_split_too(net):
     opt = torch.optim.SGD(list(net.named_parameters()), lr=0.1)
     partition_optimizer(opt, layers_of(net))
     assert [g["param_names"] for g in opt.param_groups] == [
-        ["2.weight", "2.bias"], ["0.weight", "0.bias"], ["1.weight", "1.bias"]
+        ["2.weight", "2.bias"],
+        ["0.weight", "0.bias"],
+        ["1.weight", "1.bias"],
     ]
 
 
 def test_scale_lrs_scales_groups_and_scheduler_lists_once(net):
-    opt = torch.optim.SGD([{"params": net[i].parameters(), "name": str(i)} for i in range(3)], lr=1.0, momentum=0.9)
+    opt = torch.optim.SGD(
+        [{"params": net[i].parameters(), "name": str(i)} for i in range(3)], lr=1.0, momentum=0.9
+    )
     seq = lr_scheduler.SequentialLR(
         opt, [lr_scheduler.LinearLR(opt, 0.5, total_iters=2), lr_scheduler.StepLR(opt, 1)], milestones=[2]
     )

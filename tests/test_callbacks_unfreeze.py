@@ -46,7 +46,9 @@ def test_invalid_arguments(kwargs, match):
 
 def test_more_milestones_than_layer_groups_fails_in_setup(tmp_path):
     trainer = make_trainer(tmp_path, 1, [GradualUnfreeze(milestones=[1, 2, 3, 4])])
-    with pytest.raises(ValueError, match=r"but \['backbone'\] has 3: \['backbone.0', 'backbone.1', 'backbone.2'\]"):
+    with pytest.raises(
+        ValueError, match=r"but \['backbone'\] has 3: \['backbone.0', 'backbone.1', 'backbone.2'\]"
+    ):
         trainer.fit(TinyModel(), dataloader())
 
 
@@ -57,10 +59,17 @@ def test_unfreezes_from_the_output_side_on_any_module(tmp_path, optim):
     rec = Recorder()
     trainer = make_trainer(tmp_path, 4, [GradualUnfreeze(milestones=[1, 2, 3]), rec])
     trainer.fit(model, dataloader())
-    assert per_epoch(rec) == [HEAD, HEAD | layer(2), HEAD | layer(2) | layer(1), HEAD | layer(2) | layer(1) | layer(0)]
+    assert per_epoch(rec) == [
+        HEAD,
+        HEAD | layer(2),
+        HEAD | layer(2) | layer(1),
+        HEAD | layer(2) | layer(1) | layer(0),
+    ]
     after = state(model)
     # added to the optimizer (a Linear bias before BatchNorm gets no gradient, so check the weights)
-    assert all(not torch.equal(before[name], after[name]) for name in ("backbone.0.0.weight", "backbone.0.1.weight"))
+    assert all(
+        not torch.equal(before[name], after[name]) for name in ("backbone.0.0.weight", "backbone.0.1.weight")
+    )
     names = [g["name"] for g in trainer.optimizers[0].param_groups]
     assert {"backbone.0", "backbone.1", "backbone.2"} <= set(names) and len(names) == len(set(names))
 
@@ -78,14 +87,19 @@ def test_groups_per_milestone_list_and_lp_ft(tmp_path):
 
 def test_step_milestone_waits_for_the_accumulation_window(tmp_path):
     rec = Recorder()
-    trainer = make_trainer(tmp_path, 2, [GradualUnfreeze(milestones=[3], unit="step"), rec], accumulate_grad_batches=2)
+    trainer = make_trainer(
+        tmp_path, 2, [GradualUnfreeze(milestones=[3], unit="step"), rec], accumulate_grad_batches=2
+    )
     trainer.fit(TinyModel(), dataloader())
     # 2 optimizer steps per epoch; global_step reaches 3 after batch 5, so batch 6 starts a window with it
     assert [len(t) for t in rec.trainable] == [2] * 6 + [14] * 2
 
 
 SCHEDULERS = {
-    "one_cycle": lambda o: {"scheduler": lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=12), "interval": "step"},
+    "one_cycle": lambda o: {
+        "scheduler": lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=12),
+        "interval": "step",
+    },
     "plateau": lambda o: {
         "scheduler": lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0, threshold=10.0),
         "monitor": "train_loss",
@@ -161,7 +175,8 @@ def test_warmup_scales_only_the_step_and_only_new_blocks(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 @pytest.mark.parametrize(
-    "kwargs", [{"milestones": [2], "warmup_steps": 2}, {"milestones": [3, 6], "unit": "step", "warmup_steps": 3}]
+    "kwargs",
+    [{"milestones": [2], "warmup_steps": 2}, {"milestones": [3, 6], "unit": "step", "warmup_steps": 3}],
 )
 def test_resume_matches_uninterrupted_run(tmp_path, kwargs):
     """Checkpoints after epochs 1, 2, 3 of 4 (before, at and after the milestones, mid-warm-up)."""
@@ -179,13 +194,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, kwargs):
 
     full = model()
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
-    make_trainer(tmp_path, 4, [GradualUnfreeze(**kwargs), ckpt], enable_checkpointing=True).fit(full, dataloader())
+    make_trainer(tmp_path, 4, [GradualUnfreeze(**kwargs), ckpt], enable_checkpointing=True).fit(
+        full, dataloader()
+    )
     for epoch in (0, 1, 2):
         resumed = model()
         make_trainer(tmp_path, 4, [GradualUnfreeze(**kwargs)]).fit(
             resumed, dataloader(), ckpt_path=tmp_path / f"epoch={epoch}.ckpt"
         )
-        diff = max((a - b).abs().max().item() for a, b in zip(full.parameters(), resumed.parameters()))
+        diff = max(
+            (a - b).abs().max().item() for a, b in zip(full.parameters(), resumed.parameters(), strict=True)
+        )
         assert diff <= 1e-6, f"resumed after epoch {epoch}: max abs diff {diff}"
 
 
@@ -204,7 +223,9 @@ def test_resume_with_different_layer_groups_fails(tmp_path):
     trainer = make_trainer(tmp_path, 1, [GradualUnfreeze(milestones=[1])])
     trainer.fit(TinyModel(), dataloader())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    other = GradualUnfreeze(milestones=[1], layer_groups={"low": ["backbone.0"], "high": ["backbone.1", "backbone.2"]})
+    other = GradualUnfreeze(
+        milestones=[1], layer_groups={"low": ["backbone.0"], "high": ["backbone.1", "backbone.2"]}
+    )
     with pytest.raises(ValueError, match="layer groups"):
         make_trainer(tmp_path, 2, [other]).fit(TinyModel(), dataloader(), ckpt_path=tmp_path / "a.ckpt")
 
@@ -223,7 +244,7 @@ def test_ddp_late_unfrozen_parameters_stay_identical_across_ranks(tmp_path):
         out.mkdir()
         args = [sys.executable, str(script), str(out)] + (["--no-sync"] if variant == "no-sync" else [])
         runs[variant] = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for variant, proc in runs.items():
+    for proc in runs.values():
         output, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, output[-3000:]
 

@@ -43,7 +43,7 @@ def test_config_combinations_run(make_cfg, overrides):
 
 
 def test_linear_probe_leaves_backbone_weights_and_bn_buffers_bitwise_unchanged(make_cfg):
-    cfg = make_cfg("strategy=linear_probe", "++trainer.limit_train_batches=6")
+    cfg = make_cfg("strategy=linear_probe", "++trainer.limit_train_batches=6", "feature_cache=off")
     train(cfg)
     trained = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     pretrained = efficientnet_lite0().state_dict()

@@ -72,6 +72,7 @@ class TransferModule(pl.LightningModule):
         if source_head is not None:
             heads["source"] = source_head.requires_grad_(False)  # a fixed probe of the source task
         self.heads = nn.ModuleDict(heads)
+        self.cached_features = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         metrics = torchmetrics.MetricCollection(
@@ -85,8 +86,13 @@ class TransferModule(pl.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Target-task logits."""
-        return self.heads["target"](self.backbone(x))
+        """Target-task logits, from images (or from cached backbone features, see ``use_cached_features``)."""
+        features = x if self.cached_features else self.backbone(x)
+        return self.heads["target"](features)
+
+    def use_cached_features(self) -> None:
+        """Take backbone features, not images, as input from now on (``tl_lightning.feature_cache``)."""
+        self.cached_features = True
 
     def source_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the pretrained source head (e.g. the 1000 ImageNet classes).

@@ -13,6 +13,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from tl_lightning.feature_cache import MODES, CachedFeatureDataModule, cache_applies
+
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +45,11 @@ def train(cfg: DictConfig) -> float | None:
     module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=datamodule.num_classes)
     callbacks = _instantiate_group(cfg.callbacks, "callbacks")
     loggers = _instantiate_group(cfg.logger, "logger")
+    cached = _feature_cache_mode(cfg, callbacks, datamodule)
+    if cached != "off":
+        cache_dir = Path(cfg.paths.cache_dir) / "features" if cached == "disk" else None
+        datamodule = CachedFeatureDataModule(datamodule, backbone, cache_dir)
+        module.use_cached_features()
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.ckpt_path:
         check_checkpoint_matches(cfg.ckpt_path, module)
@@ -57,6 +64,8 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         metrics = {
             "strategy": cfg.strategy_name,
+            "feature_cache": cached,
+            "train_examples": len(datamodule.train_set),
             "monitor": cfg.monitor,
             "best": {cfg.monitor: best},
             "final": final_val,
@@ -83,6 +92,26 @@ def _check_config(cfg: DictConfig) -> None:
             raise ValueError(f"module.optimizer.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {value}")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+
+
+def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule) -> str:
+    """Resolve ``feature_cache`` (auto|off|memory|disk) against what the run actually does.
+
+    Raises:
+        ValueError: On an unknown mode, or when caching is forced but the backbone trains or the
+            training inputs are random.
+    """
+    mode = cfg.feature_cache
+    if mode not in MODES:
+        raise ValueError(f"feature_cache={mode!r} is not one of {list(MODES)}")
+    applies = cache_applies(callbacks, datamodule)
+    if mode == "auto":
+        return "memory" if applies else "off"
+    if mode != "off" and not applies:
+        raise ValueError(
+            f"feature_cache={mode} needs a frozen backbone (strategy=linear_probe) and data.augment=false"
+        )
+    return mode
 
 
 def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> torch.nn.Module:

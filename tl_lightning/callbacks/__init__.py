@@ -3,12 +3,17 @@
 from tl_lightning.callbacks.freeze import Freeze
 from tl_lightning.callbacks.layerwise import LayerwiseLR
 from tl_lightning.callbacks.monitor import LayerDriftMonitor, TrainableParamsMonitor
+from tl_lightning.callbacks.penalty import EWC, L2SP
+from tl_lightning.callbacks.retention import SourceRetention
 from tl_lightning.callbacks.unfreeze import GradualUnfreeze
 
 __all__ = [
+    "EWC",
     "Freeze",
     "GradualUnfreeze",
+    "L2SP",
     "LayerDriftMonitor",
     "LayerwiseLR",
+    "SourceRetention",
     "TrainableParamsMonitor",
 ]

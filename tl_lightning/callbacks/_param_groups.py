@@ -26,7 +26,15 @@ from torch.optim import Optimizer
 
 # Per-group lists a torch scheduler keeps on itself (LRScheduler, LambdaLR/MultiplicativeLR,
 # ReduceLROnPlateau, CyclicLR). Keys OneCycleLR keeps in the group dict travel with the group.
-SCHEDULER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
+SCHEDULER_GROUP_LISTS = (
+    "base_lrs",
+    "_last_lr",
+    "lr_lambdas",
+    "min_lrs",
+    "max_lrs",
+    "base_momentums",
+    "max_momentums",
+)
 # The learning-rate valued ones among them, and the learning-rate valued keys of a group dict.
 SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs")
 GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -44,7 +52,9 @@ def iter_schedulers(scheduler: Any) -> Iterator[Any]:
 
 def optimizer_schedulers(trainer: pl.Trainer, optimizer: Optimizer) -> list[Any]:
     """The schedulers configured on ``trainer`` that drive ``optimizer``."""
-    return [config.scheduler for config in trainer.lr_scheduler_configs if config.scheduler.optimizer is optimizer]
+    return [
+        config.scheduler for config in trainer.lr_scheduler_configs if config.scheduler.optimizer is optimizer
+    ]
 
 
 def partition_optimizers(trainer: pl.Trainer, layers: LayerParams) -> None:
@@ -62,11 +72,14 @@ def partition_optimizers(trainer: pl.Trainer, layers: LayerParams) -> None:
     missing = [name for params in layers.values() for name, p in params.items() if id(p) not in optimized]
     if missing and len(trainer.optimizers) != 1:
         raise ValueError(
-            f"{len(missing)} selected parameters (e.g. {missing[0]!r}) are in no optimizer and the module has "
+            f"{len(missing)} selected parameters (e.g. {missing[0]!r}) are in no optimizer and the module "
+            f"has "
             f"{len(trainer.optimizers)} optimizers; pass them to one optimizer in `configure_optimizers`"
         )
     for optimizer in trainer.optimizers:
-        partition_optimizer(optimizer, layers, optimizer_schedulers(trainer, optimizer), add_missing=bool(missing))
+        partition_optimizer(
+            optimizer, layers, optimizer_schedulers(trainer, optimizer), add_missing=bool(missing)
+        )
 
 
 def partition_optimizer(
@@ -102,14 +115,14 @@ def partition_optimizer(
 
     split = [_split_by_layer(group, layer_of) for group in groups]
     if not appended and all(len(pieces) == 1 for pieces in split):
-        for group, pieces in zip(groups, split):
+        for group, pieces in zip(groups, split, strict=True):
             group.setdefault("name", next(iter(pieces)) or "other")
         _dedupe_names(groups)
         return False
 
     # (sort key, source index, new group)
     built: list[tuple[tuple[int, int], int, dict[str, Any]]] = []
-    for src, (group, pieces) in enumerate(zip(groups, split)):
+    for src, (group, pieces) in enumerate(zip(groups, split, strict=True)):
         whole = len(pieces) == 1 and "name" in group
         for layer, indices in pieces.items():
             name = group["name"] if whole else _piece_name(layer, group.get("name"))

@@ -102,15 +102,18 @@ def layer_groups(root: nn.Module, modules: ModuleSelector) -> dict[str, list[str
     """
     groups: dict[str, list[str]] = {}
     for prefix, module in select_modules(root, modules).items():
-        qualify = (lambda n, p=prefix: f"{p}.{n}" if p else n)
         if callable(getattr(module, "layer_groups", None)):
             local = module.layer_groups()
             _check_partition(module, local, prefix)
         else:
             local = _children_groups(module)
         for group_name, names in local.items():
-            groups[qualify(group_name)] = [qualify(n) for n in names]
+            groups[_qualify(prefix, group_name)] = [_qualify(prefix, n) for n in names]
     return groups
+
+
+def _qualify(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _children_groups(module: nn.Module) -> dict[str, list[str]]:
@@ -162,7 +165,9 @@ def match_layer_groups(
     for group_name, patterns in spec.items():
         groups[group_name] = [n for n in selected if any(_matches(pattern, n) for pattern in patterns)]
         if not groups[group_name]:
-            raise ValueError(f"layer group {group_name!r} matches no parameter of {modules!r}: {list(patterns)}")
+            raise ValueError(
+                f"layer group {group_name!r} matches no parameter of {modules!r}: {list(patterns)}"
+            )
     seen = [n for names in groups.values() for n in names]
     missing = sorted(set(selected) - set(seen))
     repeated = sorted(n for n, count in Counter(seen).items() if count > 1)

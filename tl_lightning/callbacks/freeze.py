@@ -10,7 +10,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from typing_extensions import override
 
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, select_modules, selected_parameters
+from tl_lightning.callbacks._select import (
+    ModuleSelector,
+    as_selector_list,
+    select_modules,
+    selected_parameters,
+)
 
 
 def norm_layers(root: nn.Module, modules: ModuleSelector) -> dict[str, nn.Module]:
@@ -96,5 +101,7 @@ class Freeze(Callback):
         keep_eval(self._eval_modules)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int
+    ) -> None:
         keep_eval(self._eval_modules)

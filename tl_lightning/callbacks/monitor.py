@@ -97,7 +97,9 @@ class LayerDriftMonitor(Callback):
         if not self._initial:
             params = dict(pl_module.named_parameters())
             self._initial = {
-                name: params[name].detach().to("cpu", copy=True) for names in self._groups.values() for name in names
+                name: params[name].detach().to("cpu", copy=True)
+                for names in self._groups.values()
+                for name in names
             }
 
     @override

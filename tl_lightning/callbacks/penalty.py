@@ -18,7 +18,7 @@ optimizer skips it too, so it does not move away from its anchor through this st
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,17 @@ NORMALIZE_MODES: tuple[str | None, ...] = ("mean", "max", None)
 
 @dataclass
 class _Term:
-    """``strength / 2 · Σ importance · (param − anchor)²``; ``None`` anchors are 0, ``None`` importances 1."""
+    """``strength / 2 · Σ importance · (param − anchor)²``; ``None`` anchors are 0, ``None`` importances 1.
+
+    ``θ − θ*`` is written into a scratch buffer kept between steps (one copy of the penalised
+    parameters), so a step allocates nothing: fresh multi-megabyte temporaries cost page faults on CPU.
+    """
 
     strength: float
     params: list[Tensor]
     anchors: list[Tensor] | None = None
     importances: list[Tensor] | None = None
+    _scratch: list[Tensor] = field(default_factory=list, init=False, repr=False)
 
     def apply(self, stepped: set[int], with_value: bool) -> Tensor | None:
         """Add the term's gradient to ``.grad`` of the stepped parameters; return its value if asked."""
@@ -54,16 +59,25 @@ class _Term:
         if not index:
             return None
         params = [self.params[i] for i in index]
+        grads = [p.grad for p in params]
         diffs = params
         if self.anchors is not None:
-            diffs = torch._foreach_sub(params, [self.anchors[i] for i in index])
-        weighted = diffs
-        if self.importances is not None:
-            weighted = torch._foreach_mul(diffs, [self.importances[i] for i in index])
-        torch._foreach_add_([p.grad for p in params], weighted, alpha=self.strength)
+            if not self._scratch:
+                self._scratch = [torch.empty_like(a) for a in self.anchors]
+            diffs = [self._scratch[i] for i in index]
+            torch._foreach_copy_(diffs, params)
+            torch._foreach_sub_(diffs, [self.anchors[i] for i in index])
+        if self.importances is None:
+            torch._foreach_add_(grads, diffs, alpha=self.strength)
+        else:
+            importances = [self.importances[i] for i in index]
+            torch._foreach_addcmul_(grads, diffs, importances, value=self.strength)
         if not with_value:
             return None
-        squares = torch._foreach_mul(weighted, diffs)  # non-negative, so their 1-norms are their sums
+        squares = torch._foreach_mul(diffs, diffs)
+        if self.importances is not None:
+            torch._foreach_mul_(squares, importances)
+        # the squares are non-negative, so their 1-norms are their sums
         return 0.5 * self.strength * torch.stack(torch._foreach_norm(squares, 1)).sum()
 
 
@@ -119,7 +133,8 @@ class EWC(QuadraticPenalty):
             Fisher. ``None`` uses the trainer's training batches as inputs, with labels sampled
             from the source head, so ``fisher_mode`` must then not be ``"empirical"``.
         fisher_mode: ``"empirical"``, ``"sampled"`` or ``"exact"`` (see ``fisher_diagonal``).
-        fisher_samples: Number of samples the Fisher is estimated from.
+        fisher_samples: Number of samples the Fisher is estimated from (per rank when the trainer's
+            batches are used under DDP, since each rank then iterates its own shard).
         fisher_chunk_size: Samples per vectorised gradient computation (memory vs. speed).
         fisher_path: Load the (un-normalised) Fisher from this safetensors file instead of computing it.
         fisher_save_path: Save the computed (un-normalised) Fisher to this safetensors file.

@@ -79,7 +79,8 @@ class SourceRetention(Callback):
         if trainer.sanity_checking or (not self.has_labels and self._reference is None):
             return
         for name, value in self.evaluate(pl_module).items():
-            pl_module.log(f"source/{name}", value, on_step=False, on_epoch=True)
+            # identical on every rank already; syncing only keeps Lightning's DDP epoch-logging contract
+            pl_module.log(f"source/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def evaluate(self, pl_module: LightningModule) -> dict[str, Tensor]:
         """``{"acc": ...}`` with labels, else ``{"agreement": ..., "kl": ...}`` against the reference.

@@ -37,7 +37,7 @@ def all_reduce_grads_mean(params: Sequence[nn.Parameter]) -> None:
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
         dist.all_reduce(flat)
-        for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        for grad, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             grad.copy_(chunk.view_as(grad))
 
 
@@ -46,8 +46,8 @@ class GradualUnfreeze(Callback):
 
     Everything selected is frozen in ``setup()`` (before ``configure_optimizers`` and before DDP wraps
     the model). At each milestone the next ``groups_per_milestone`` layer groups, counted from the
-    output side, become trainable; the last milestone unfreezes all that remains. LP-FT is
-    ``GradualUnfreeze(milestones=[k], groups_per_milestone=<number of groups>)`` or simply one milestone.
+    output side, become trainable; the last milestone unfreezes all that remains. LP-FT (linear probe,
+    then fine-tune everything) is ``GradualUnfreeze(milestones=[k])``.
 
     What makes it safe on any ``LightningModule``:
 
@@ -178,7 +178,9 @@ class GradualUnfreeze(Callback):
         # 1. one named group per layer group, frozen parameters added, schedulers remapped
         partition_optimizers(trainer, self._layers)
         # 2. what DDP reduces: what required grad when it wrapped the model (everything selected is frozen)
-        self._ddp_managed = {id(p) for group in self._layers.values() for p in group.values() if p.requires_grad}
+        self._ddp_managed = {
+            id(p) for group in self._layers.values() for p in group.values() if p.requires_grad
+        }
         self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         # 3. the stage restored from a checkpoint, if any
         self._apply(trainer, pl_module)
@@ -190,17 +192,23 @@ class GradualUnfreeze(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._advance(trainer, pl_module, trainer.current_epoch if self.unit == "epoch" else trainer.global_step)
+        self._advance(
+            trainer, pl_module, trainer.current_epoch if self.unit == "epoch" else trainer.global_step
+        )
         keep_eval(self._eval_modules)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.unit == "step" and batch_idx % trainer.accumulate_grad_batches == 0:
             self._advance(trainer, pl_module, trainer.global_step)
         keep_eval(self._eval_modules)
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         params = self._sync.get(id(optimizer))
         if self._distributed and params:
             all_reduce_grads_mean(params)
@@ -219,19 +227,20 @@ class GradualUnfreeze(Callback):
             counts = [self.groups_per_milestone] * (len(self.milestones) - 1)
             if sum(counts) >= len(groups):
                 raise ValueError(
-                    f"{len(self.milestones)} milestones unfreezing {self.groups_per_milestone} layer group(s) each "
-                    f"need more than {sum(counts)} layer groups, but {self.modules} has {len(groups)}: {groups}"
+                    f"{len(self.milestones)} milestones unfreezing {self.groups_per_milestone} layer "
+                    f"group(s) each need more than {sum(counts)} layer groups, but {self.modules} has "
+                    f"{len(groups)}: {groups}"
                 )
             counts.append(len(groups) - sum(counts))
         else:
             counts = list(self.groups_per_milestone)
             if sum(counts) != len(groups):
                 raise ValueError(
-                    f"`groups_per_milestone` {counts} must sum to the number of layer groups of {self.modules}, "
-                    f"{len(groups)}: {groups}"
+                    f"`groups_per_milestone` {counts} must sum to the number of layer groups of "
+                    f"{self.modules}, {len(groups)}: {groups}"
                 )
         ends = [sum(counts[: i + 1]) for i in range(len(counts))]
-        return [output_first[end - count : end] for count, end in zip(counts, ends)]
+        return [output_first[end - count : end] for count, end in zip(counts, ends, strict=True)]
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position: int) -> None:
         target = bisect_right(self.milestones, position)
@@ -253,7 +262,9 @@ class GradualUnfreeze(Callback):
         frozen = [layer for block in self._blocks[self._stage :] for layer in block]
         frozen_norms = [name for layer in frozen for name in self._norms[layer]]
         self._eval_modules = [] if self.train_bn else modules_by_name(pl_module, frozen_norms)
-        late = [p for layer in unfrozen for p in self._layers[layer].values() if id(p) not in self._ddp_managed]
+        late = [
+            p for layer in unfrozen for p in self._layers[layer].values() if id(p) not in self._ddp_managed
+        ]
         self._sync = {}
         for optimizer in trainer.optimizers:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -264,7 +275,7 @@ class GradualUnfreeze(Callback):
         step = self._trainer.global_step
         warming = [
             (block, (step - start + 1) / (self.warmup_steps + 1))
-            for block, start in zip(self._blocks, self._unfrozen_at)
+            for block, start in zip(self._blocks, self._unfrozen_at, strict=False)
             if step - start < self.warmup_steps
         ]
         if not warming:
@@ -286,11 +297,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_milestones(milestones: Sequence[int]) -> list[int]:
-    values = list(milestones) if isinstance(milestones, Sequence) and not isinstance(milestones, str) else None
+    values = (
+        list(milestones) if isinstance(milestones, Sequence) and not isinstance(milestones, str) else None
+    )
     if (
         not values
         or not all(_is_int(m) and m >= 0 for m in values)
-        or any(a >= b for a, b in zip(values, values[1:]))
+        or any(a >= b for a, b in zip(values, values[1:], strict=False))
     ):
         raise ValueError(
             f"`milestones` must be a non-empty, strictly increasing list of integers >= 0, got {milestones!r}"
@@ -301,7 +314,11 @@ def _check_milestones(milestones: Sequence[int]) -> list[int]:
 def _check_groups_per_milestone(value: int | Sequence[int], n_milestones: int) -> int | list[int]:
     if _is_int(value) and value >= 1:
         return value
-    if isinstance(value, Sequence) and len(value) == n_milestones and all(_is_int(v) and v >= 1 for v in value):
+    if (
+        isinstance(value, Sequence)
+        and len(value) == n_milestones
+        and all(_is_int(v) and v >= 1 for v in value)
+    ):
         return list(value)
     raise ValueError(
         f"`groups_per_milestone` must be an integer >= 1 or a list of {n_milestones} integers >= 1 "
@@ -309,8 +326,10 @@ def _check_groups_per_milestone(value: int | Sequence[int], n_milestones: int) -
     )
 
 
-def _norms_by_layer(norms: list[str], layers: Mapping[str, Mapping[str, nn.Parameter]]) -> dict[str, list[str]]:
-    """Assign each normalisation layer to the layer group of its weight, else of the closest parameter by path."""
+def _norms_by_layer(
+    norms: list[str], layers: Mapping[str, Mapping[str, nn.Parameter]]
+) -> dict[str, list[str]]:
+    """Assign each normalisation layer to its weight's layer group, else to the nearest parameter's."""
     layer_of = {name: layer for layer, params in layers.items() for name in params}
     found: dict[str, list[str]] = {layer: [] for layer in layers}
     for norm in norms:
@@ -324,7 +343,7 @@ def _norms_by_layer(norms: list[str], layers: Mapping[str, Mapping[str, nn.Param
 
 def _shared_prefix(a: list[str], b: list[str]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -1,0 +1,71 @@
+"""TrainableParamsMonitor and LayerDriftMonitor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from callback_helpers import TinyModel, dataloader, make_trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from tl_lightning.callbacks import GradualUnfreeze, LayerDriftMonitor, TrainableParamsMonitor
+
+
+class EpochMetrics(Callback):
+    """Keeps ``callback_metrics`` at every training epoch end (after the monitors, listed first)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.epochs.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+
+def test_trainable_params_follow_the_stages(tmp_path):
+    metrics = EpochMetrics()
+    callbacks = [TrainableParamsMonitor(), GradualUnfreeze(milestones=[1, 2]), metrics]
+    make_trainer(tmp_path, 3, callbacks).fit(TinyModel(), dataloader())
+    head, block = 8 * 3 + 3, 8 * 8 + 8 + 16
+    first = 4 * 8 + 8 + 16
+    assert [m["trainable_params"] for m in metrics.epochs] == [head, head + block, head + 2 * block + first]
+
+
+def test_drift_is_zero_for_frozen_groups_and_grows_once_unfrozen(tmp_path):
+    metrics = EpochMetrics()
+    model = TinyModel()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callbacks = [LayerDriftMonitor(), GradualUnfreeze(milestones=[1, 2]), metrics]
+    make_trainer(tmp_path, 3, callbacks).fit(model, dataloader())
+    drift = [{k: v for k, v in m.items() if k.startswith("drift/")} for m in metrics.epochs]
+    assert drift[0] == {"drift/backbone.0": 0.0, "drift/backbone.1": 0.0, "drift/backbone.2": 0.0}
+    assert drift[1]["drift/backbone.2"] > 0 and drift[1]["drift/backbone.1"] == 0.0
+    names = [n for n in initial if n.startswith("backbone.2.")]
+    moved = sum((dict(model.named_parameters())[n] - initial[n]).square().sum() for n in names)
+    expected = (moved / sum(initial[n].square().sum() for n in names)).sqrt().item()
+    assert drift[2]["drift/backbone.2"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_drift_origin_survives_resume(tmp_path):
+    full = EpochMetrics()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    make_trainer(tmp_path, 2, [LayerDriftMonitor(), full, ckpt], enable_checkpointing=True).fit(
+        TinyModel(optim="all"), dataloader()
+    )
+    resumed = EpochMetrics()
+    make_trainer(tmp_path, 2, [LayerDriftMonitor(), resumed]).fit(
+        TinyModel(optim="all"), dataloader(), ckpt_path=tmp_path / "epoch=0.ckpt"
+    )
+    drift = {k: v for k, v in resumed.epochs[0].items() if k.startswith("drift/")}
+    assert drift == pytest.approx({k: full.epochs[1][k] for k in drift}) and len(drift) == 3
+    assert all(v > 0.01 for v in drift.values())
+
+
+def test_drift_state_is_keyed_by_selector(tmp_path):
+    a, b = LayerDriftMonitor(), LayerDriftMonitor(modules="head")
+    trainer = make_trainer(tmp_path, 1, [a, b], max_steps=1)
+    trainer.fit(TinyModel(optim="all"), dataloader())
+    assert a.state_key != b.state_key
+    assert set(b.state_dict()["initial"]) == {"head.weight", "head.bias"}
+    assert isinstance(a.state_dict()["initial"]["backbone.0.0.weight"], torch.Tensor)
