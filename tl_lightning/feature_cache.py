@@ -44,7 +44,7 @@ def _fingerprint(*tensors: torch.Tensor) -> hashlib.sha256:
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest
 
 
