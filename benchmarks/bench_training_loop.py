@@ -36,7 +36,10 @@ from tl_lightning.module import TransferModule
 def _batches(steps: int, batch_size: int, image_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
     return [
-        (torch.randn(batch_size, 3, image_size, image_size, generator=generator), torch.randint(0, 10, (batch_size,), generator=generator))
+        (
+            torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+            torch.randint(0, 10, (batch_size,), generator=generator),
+        )
         for _ in range(steps)
     ]
 
@@ -54,12 +57,20 @@ class _StepTimer(pl.Callback):
 
 def run_ours(frozen: bool, steps: int, batch_size: int, image_size: int) -> list[float]:
     """Step times of ``TransferModule`` under ``pl.Trainer`` (our loop, our callbacks)."""
-    module = TransferModule(efficientnet_lite0(), LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-4))
+    module = TransferModule(
+        efficientnet_lite0(), LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-4)
+    )
     timer = _StepTimer()
     callbacks = [timer, Freeze("backbone")] if frozen else [timer]
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=_batches(steps, batch_size, image_size))
     return timer.times
@@ -117,8 +128,11 @@ def main() -> None:
             process.start()
             results[(name, frozen)] = queue.get()
             process.join()
-    print(f"EfficientNet-Lite0, batch {args.batch_size}, {args.image_size}px, {torch.get_num_threads()} threads, "
-          f"median of {args.steps - 3} steps")
+    print(
+        f"EfficientNet-Lite0, batch {args.batch_size}, {args.image_size}px, "
+        f"{torch.get_num_threads()} threads, "
+        f"median of {args.steps - 3} steps"
+    )
     print(f"{'variant':<26}{'step ms':>10}{'img/s':>10}{'peak RSS MiB':>15}")
     for (name, frozen), (step, rss) in results.items():
         label = f"{name} {'frozen backbone' if frozen else 'full fine-tune'}"

@@ -338,8 +338,10 @@ def render_markdown(runs: Sequence[Run], metric: str, root: Path, plots: dict[st
     lines += ["```bash", command, "```"] if command else ["No `.hydra/overrides.yaml` found: unknown."]
 
     lines += ["", "## Results", ""]
-    lines += [f"`{metric}` ({direction}): mean ± std (n seeds) by strategy and labelled training examples "
-              f"per class (`data.train_per_class`). ⚠ = negative transfer (worse than `{BASELINE}`)."]
+    lines += [
+        f"`{metric}` ({direction}): mean ± std (n seeds) by strategy and labelled training examples "
+        f"per class (`data.train_per_class`). ⚠ = negative transfer (worse than `{BASELINE}`)."
+    ]
     lines += ["", "| strategy | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for strategy in strategy_order(runs):
         row = []
@@ -354,8 +356,10 @@ def render_markdown(runs: Sequence[Run], metric: str, root: Path, plots: dict[st
     elif not flags:
         lines.append(f"None found: no transfer strategy is worse than `{BASELINE}` beyond the seed noise.")
     else:
-        lines.append(f"Worse than `{BASELINE}` by more than the seed noise (combined standard error, "
-                     f"or {FIXED_TOLERANCE} when a side has one run):")
+        lines.append(
+            f"Worse than `{BASELINE}` by more than the seed noise (combined standard error, "
+            f"or {FIXED_TOLERANCE} when a side has one run):"
+        )
         lines.append("")
         for f in flags:
             lines.append(
@@ -392,8 +396,10 @@ def _notes(runs: Sequence[Run], metric: str) -> list[str]:
     for r in runs:
         key = (r.strategy, r.label, r.seed)
         if r.seed is not None and key in seen:
-            notes.append(f"- duplicate strategy={r.strategy} train_per_class={r.label} seed={r.seed}: "
-                         f"`{seen[key]}` and `{r.path}` (both counted)")
+            notes.append(
+                f"- duplicate strategy={r.strategy} train_per_class={r.label} seed={r.seed}: "
+                f"`{seen[key]}` and `{r.path}` (both counted)"
+            )
         seen.setdefault(key, r.path)
     return notes
 
@@ -422,7 +428,10 @@ def plot_sample_efficiency(runs: Sequence[Run], metric: str, out_file: Path) -> 
                 [xs[label] for label in present],
                 [cells[strategy, label].mean for label in present],
                 yerr=[cells[strategy, label].std for label in present],
-                marker="o", capsize=3, label=strategy, linestyle="--" if strategy == BASELINE else "-",
+                marker="o",
+                capsize=3,
+                label=strategy,
+                linestyle="--" if strategy == BASELINE else "-",
             )
     ax.set_xscale("log")
     ax.set_xticks([xs[label] for label in labels], labels)

@@ -24,7 +24,7 @@ FAST = [
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    """``make_cfg(*overrides, run="name")`` -> the composed ``train`` config, shrunk, writing to ``tmp_path/run``."""
+    """``make_cfg(*overrides, run="name")``: the real config, shrunk, written to ``tmp_path/run``."""
 
     def _make(*overrides: str, fast: bool = True, run: str = "run") -> DictConfig:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -17,7 +17,9 @@ def test_efficientnet_lite0_has_real_imagenet_weights():
     source_head = backbone.pop_source_head().eval()
     backbone.eval()
     cfg = backbone.data_config
-    image = torch.tensor(np.asarray(load_sample_image("flower.jpg")), dtype=torch.float32).permute(2, 0, 1) / 255
+    image = (
+        torch.tensor(np.asarray(load_sample_image("flower.jpg")), dtype=torch.float32).permute(2, 0, 1) / 255
+    )
     x = F.interpolate(image[None], size=cfg.input_size[1:], mode=cfg.interpolation, align_corners=False)
     x = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -35,7 +37,11 @@ def test_data_config_travels_with_the_weights():
 
 @pytest.mark.parametrize(
     "factory",
-    [lambda: efficientnet_lite0(pretrained=False), lambda: small_cnn(), lambda: torchvision_backbone("resnet18", pretrained=False)],
+    [
+        lambda: efficientnet_lite0(pretrained=False),
+        lambda: small_cnn(),
+        lambda: torchvision_backbone("resnet18", pretrained=False),
+    ],
     ids=["efficientnet_lite0", "small_cnn", "torchvision_resnet18"],
 )
 def test_layer_groups_partition_parameters_input_to_output(factory):
@@ -68,7 +74,9 @@ def test_unknown_model_names_are_rejected_with_choices():
 
 
 def test_module_param_groups_are_named_and_split_decay():
-    module = TransferModule(efficientnet_lite0(), LinearHead(1280, 10), 10, torch.optim.AdamW, weight_decay=0.05)
+    module = TransferModule(
+        efficientnet_lite0(), LinearHead(1280, 10), 10, torch.optim.AdamW, weight_decay=0.05
+    )
     optimizer = module.configure_optimizers()
     names = [g["name"] for g in optimizer.param_groups]
     assert len(names) == len(set(names))

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
-from hydra.errors import InstantiationException
+from hydra.errors import ConfigCompositionException, InstantiationException
 
 from tl_lightning.pipeline import train
 
@@ -12,14 +11,26 @@ from tl_lightning.pipeline import train
     ("overrides", "error", "message"),
     [
         (["module.optimizer.lr=-0.1"], ValueError, "module.optimizer.lr"),
-        (["backbone=timm", "backbone.model_name=not_a_net", "backbone.pretrained=false"], ValueError, "not_a_net"),
+        (
+            ["backbone=timm", "backbone.model_name=not_a_net", "backbone.pretrained=false"],
+            ValueError,
+            "not_a_net",
+        ),
         (["data=image_folder", "data.root=/nonexistent/images"], FileNotFoundError, "data.root"),
         (["+head.in_features=77"], ValueError, "head.in_features=77"),
         (["data.train_per_class=1000"], ValueError, "data.train_per_class=1000"),
         (["+callbacks.broken.patience=3"], ValueError, "callbacks.broken has no _target_"),
         (["ckpt_path=/nonexistent.ckpt"], FileNotFoundError, "ckpt_path"),
     ],
-    ids=["negative_lr", "unknown_timm", "missing_dir", "head_mismatch", "too_few_examples", "no_target", "no_ckpt"],
+    ids=[
+        "negative_lr",
+        "unknown_timm",
+        "missing_dir",
+        "head_mismatch",
+        "too_few_examples",
+        "no_target",
+        "no_ckpt",
+    ],
 )
 def test_bad_values_fail_before_training(make_cfg, overrides, error, message):
     cfg = make_cfg(*overrides)

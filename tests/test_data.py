@@ -48,13 +48,17 @@ def _write_folder(root, per_class=6):
 
 def test_image_folder_reads_real_images_and_names_corrupt_files(tmp_path):
     _write_folder(tmp_path)
-    data = ImageFolderDataModule(str(tmp_path), CFG, image_size=32, val_fraction=0.34, test_fraction=0.33, num_workers=0)
+    data = ImageFolderDataModule(
+        str(tmp_path), CFG, image_size=32, val_fraction=0.34, test_fraction=0.33, num_workers=0
+    )
     data.setup("fit")
     x, y = data.train_set[0]
     assert x.shape == (3, 32, 32) and data.num_classes == 2
     (tmp_path / "1" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.png"):
-        ImageFolderDataModule(str(tmp_path), CFG, num_workers=0, val_fraction=0.34, test_fraction=0.33).setup("fit")
+        ImageFolderDataModule(str(tmp_path), CFG, num_workers=0, val_fraction=0.34, test_fraction=0.33).setup(
+            "fit"
+        )
     skipping = ImageFolderDataModule(
         str(tmp_path), CFG, num_workers=0, skip_corrupt=True, val_fraction=0.34, test_fraction=0.33
     )

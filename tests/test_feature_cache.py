@@ -9,8 +9,12 @@ from tl_lightning.backbones import small_cnn
 from tl_lightning.feature_cache import extract_features
 from tl_lightning.pipeline import train
 
-LONGER = ["++trainer.limit_train_batches=12", "++trainer.limit_val_batches=4", "++trainer.limit_test_batches=4",
-          "trainer.max_epochs=2"]
+LONGER = [
+    "++trainer.limit_train_batches=12",
+    "++trainer.limit_val_batches=4",
+    "++trainer.limit_test_batches=4",
+    "trainer.max_epochs=2",
+]
 
 
 def _run(make_cfg, *overrides):

@@ -32,15 +32,25 @@ DRIFT_BASE = {
 
 # (strategy, train_per_class, seed, test/acc) in Hydra job order
 RUNS = [
-    ("scratch", 5, 0, 0.50), ("scratch", 5, 1, 0.52), ("scratch", 5, 2, 0.54),
+    ("scratch", 5, 0, 0.50),
+    ("scratch", 5, 1, 0.52),
+    ("scratch", 5, 2, 0.54),
     ("scratch", 10, 0, 0.60),
-    ("scratch", None, 0, 0.90), ("scratch", None, 1, 0.92), ("scratch", None, 2, 0.94),
-    ("linear_probe", 5, 0, 0.80), ("linear_probe", 5, 1, 0.82), ("linear_probe", 5, 2, 0.84),
+    ("scratch", None, 0, 0.90),
+    ("scratch", None, 1, 0.92),
+    ("scratch", None, 2, 0.94),
+    ("linear_probe", 5, 0, 0.80),
+    ("linear_probe", 5, 1, 0.82),
+    ("linear_probe", 5, 2, 0.84),
     ("linear_probe", 10, 0, 0.595),  # n=1 both sides, 0.005 below: within the fixed 0.01
     ("linear_probe", None, 0, 0.915),  # n=1, 0.005 below: within the fixed 0.01
-    ("full_finetune", 5, 0, 0.40), ("full_finetune", 5, 1, 0.42), ("full_finetune", 5, 2, 0.44),  # 0.10 below
+    ("full_finetune", 5, 0, 0.40),
+    ("full_finetune", 5, 1, 0.42),
+    ("full_finetune", 5, 2, 0.44),  # 0.10 below
     # 0.012 below: more than 0.01 but within the combined standard error sqrt(.02²/3 + .01²/3) = 0.0129
-    ("full_finetune", None, 0, 0.898), ("full_finetune", None, 1, 0.908), ("full_finetune", None, 2, 0.918),
+    ("full_finetune", None, 0, 0.898),
+    ("full_finetune", None, 1, 0.908),
+    ("full_finetune", None, 2, 0.918),
     ("gradual_unfreeze", None, 0, 0.905),  # n=1, 0.015 below: beyond the fixed 0.01
 ]
 
@@ -60,11 +70,16 @@ def _write_run(sweep: Path, num: int, strategy: str, per_class, seed: int, acc: 
         f"strategy_name: {strategy}\ntask_name: train\nseed: {seed}\nmonitor: val/acc\n"
     )
     metrics = {
-        "strategy": strategy, "monitor": "val/acc", "best": {"val/acc": acc + 0.01},
+        "strategy": strategy,
+        "monitor": "val/acc",
+        "best": {"val/acc": acc + 0.01},
         "final": {"val/loss": 0.3, "val/acc": acc, "val/f1": acc - 0.01},
         "test": {"test/loss": 0.3, "test/acc": acc, "test/f1": acc - 0.01},
-        "best_checkpoint": str(run / "checkpoints" / "epoch02.ckpt"), "wall_time_s": 12.3,
-        "params": {"trainable": 12810, "total": 4664818}, "epochs": 3, "global_step": 30,
+        "best_checkpoint": str(run / "checkpoints" / "epoch02.ckpt"),
+        "wall_time_s": 12.3,
+        "params": {"trainable": 12810, "total": 4664818},
+        "epochs": 3,
+        "global_step": 30,
     }
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if not drift:
@@ -115,10 +130,14 @@ def test_table_has_mean_std_n_over_seeds(sweep):
     assert list(table) == ["scratch", "full_finetune", "gradual_unfreeze", "linear_probe"]
     # sample std (ddof=1): [0.50, 0.52, 0.54] -> 0.020 (ddof=0 would give 0.016)
     assert table["scratch"] == {
-        "5": "0.520 ± 0.020 (3)", "10": "0.600 ± 0.000 (1)", "all": "0.920 ± 0.020 (3)"
+        "5": "0.520 ± 0.020 (3)",
+        "10": "0.600 ± 0.000 (1)",
+        "all": "0.920 ± 0.020 (3)",
     }
     assert table["linear_probe"] == {
-        "5": "0.820 ± 0.020 (3)", "10": "0.595 ± 0.000 (1)", "all": "0.915 ± 0.000 (1)"
+        "5": "0.820 ± 0.020 (3)",
+        "10": "0.595 ± 0.000 (1)",
+        "all": "0.915 ± 0.000 (1)",
     }
     assert table["full_finetune"] == {"5": "0.420 ± 0.020 (3) ⚠", "10": "—", "all": "0.908 ± 0.010 (3)"}
     assert table["gradual_unfreeze"] == {"5": "—", "10": "—", "all": "0.905 ± 0.000 (1) ⚠"}

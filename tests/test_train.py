@@ -45,7 +45,9 @@ def test_config_combinations_run(make_cfg, overrides):
 def test_linear_probe_leaves_backbone_weights_and_bn_buffers_bitwise_unchanged(make_cfg):
     cfg = make_cfg("strategy=linear_probe", "++trainer.limit_train_batches=6", "feature_cache=off")
     train(cfg)
-    trained = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    trained = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)[
+        "state_dict"
+    ]
     pretrained = efficientnet_lite0().state_dict()
     backbone = {k.removeprefix("backbone."): v for k, v in trained.items() if k.startswith("backbone.")}
     assert backbone.keys() == pretrained.keys()
@@ -61,9 +63,17 @@ def test_ddp_cpu_two_processes_one_output_dir(tmp_path):
     """``trainer=ddp_cpu`` through the real CLI: two gloo processes, one run directory."""
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "train.py", "trainer=ddp_cpu", "backbone=small_cnn", "strategy=scratch",
-        "trainer.max_epochs=1", "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
-        "+trainer.limit_test_batches=2", "callbacks.rich_progress_bar=null", "data.image_size=32",
+        sys.executable,
+        "train.py",
+        "trainer=ddp_cpu",
+        "backbone=small_cnn",
+        "strategy=scratch",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=4",
+        "+trainer.limit_val_batches=2",
+        "+trainer.limit_test_batches=2",
+        "callbacks.rich_progress_bar=null",
+        "data.image_size=32",
         f"hydra.run.dir={run_dir}",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

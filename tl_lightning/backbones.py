@@ -10,6 +10,7 @@ mismatch the weights.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -79,6 +80,10 @@ class Backbone(nn.Module):
         for name, _ in self.model.named_parameters():
             groups.setdefault(self._group_of[name], []).append(f"model.{name}")
         return groups
+
+    def set_source_head(self, head: nn.Module) -> None:
+        """Give the backbone a source classifier, e.g. one trained on an earlier task."""
+        self._source_head = head
 
     def pop_source_head(self) -> nn.Module | None:
         """Hand over the pretrained classifier (once); ``None`` when the weights brought none."""
@@ -186,7 +191,9 @@ def _copy_linear(layer: nn.Module) -> nn.Module:
     return copy
 
 
-def torchvision_backbone(model_name: str, weights: str | None = "DEFAULT", pretrained: bool = True) -> Backbone:
+def torchvision_backbone(
+    model_name: str, weights: str | None = "DEFAULT", pretrained: bool = True
+) -> Backbone:
     """A torchvision classification model by name, its last ``nn.Linear`` becoming the source head.
 
     Args:
@@ -199,7 +206,9 @@ def torchvision_backbone(model_name: str, weights: str | None = "DEFAULT", pretr
     """
     names = torchvision.models.list_models(module=torchvision.models)
     if model_name not in names:
-        raise ValueError(f"backbone.model_name={model_name!r} is not a torchvision classifier; choices: {names}")
+        raise ValueError(
+            f"backbone.model_name={model_name!r} is not a torchvision classifier; choices: {names}"
+        )
     weights_enum = None
     if pretrained and weights is not None:
         options = torchvision.models.get_model_weights(model_name)
@@ -246,6 +255,46 @@ def _torchvision_data_config(weights) -> DataConfig:
     )
 
 
+def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
+    """A backbone fine-tuned on a source task, its trained linear head becoming the source head.
+
+    Loads ``backbone.*`` and ``heads.target.*`` from a ``TransferModule`` checkpoint (with
+    ``weights_only=True``) into ``backbone``, an instance of the same architecture. This is how a
+    sequential-task experiment starts its target task from the source-task model.
+
+    Args:
+        path: A Lightning checkpoint written by ``train.py`` (e.g. ``checkpoints/last.ckpt``).
+        backbone: A backbone of the checkpoint's architecture (its weights are replaced).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the checkpoint's backbone or linear head does not fit.
+
+    Example::
+
+        backbone = from_checkpoint("outputs/source/checkpoints/last.ckpt", efficientnet_lite0())
+    """
+    from tl_lightning.heads import LinearHead
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone.path={path!r} does not exist; train the source task first")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("heads.target."): v for k, v in state.items() if k.startswith("heads.target.")}
+    backbone.pop_source_head()
+    try:
+        backbone.load_state_dict(weights)
+        classes, features = head["1.weight"].shape
+        source_head = LinearHead(features, classes)
+        source_head.load_state_dict(head)
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(
+            f"backbone.path={path!r} does not hold this backbone with a linear head: {error}"
+        ) from error
+    backbone.set_source_head(source_head)
+    return backbone
+
+
 class _ConvBlock(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
@@ -256,7 +305,9 @@ class _ConvBlock(nn.Sequential):
         )
 
 
-def small_cnn(channels: tuple[int, ...] = (16, 32, 64), input_size: int = 32, pretrained: bool = False) -> Backbone:
+def small_cnn(
+    channels: tuple[int, ...] = (16, 32, 64), input_size: int = 32, pretrained: bool = False
+) -> Backbone:
     """A compact randomly initialised CNN for scratch baselines and fast tests.
 
     Args:

@@ -119,6 +119,7 @@ class CachedFeatureDataModule(ClassificationDataModule):
             return
         self.source.setup(stage)
         self.class_names = list(self.source.class_names)
+        self.probe_set = self.source.probe_set  # images: SourceRetention runs the backbone itself
         self.train_set = extract_features(self.backbone, self.source.train_set, 256, self.cache_dir)
         self.val_set = extract_features(self.backbone, self.source.val_set, 256, self.cache_dir)
         self.test_set = extract_features(self.backbone, self.source.test_set, 256, self.cache_dir)

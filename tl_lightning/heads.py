@@ -13,7 +13,9 @@ from torch import nn
 
 def _check_sizes(in_features: int, num_classes: int) -> None:
     if in_features <= 0 or num_classes <= 1:
-        raise ValueError(f"a head needs in_features > 0 and num_classes > 1, got {in_features}, {num_classes}")
+        raise ValueError(
+            f"a head needs in_features > 0 and num_classes > 1, got {in_features}, {num_classes}"
+        )
 
 
 class LinearHead(nn.Sequential):

@@ -45,7 +45,8 @@ class TransferModule(pl.LightningModule):
 
     Example::
 
-        module = TransferModule(efficientnet_lite0(), LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-3))
+        optimizer = partial(torch.optim.AdamW, lr=1e-3)
+        module = TransferModule(efficientnet_lite0(), LinearHead(1280, 10), 10, optimizer)
     """
 
     def __init__(
@@ -106,12 +107,17 @@ class TransferModule(pl.LightningModule):
 
     def layer_groups(self) -> dict[str, list[str]]:
         """Parameter names per layer group, ordered input -> output: backbone groups, then heads."""
-        groups = {f"backbone.{g}": [f"backbone.{n}" for n in names] for g, names in self.backbone.layer_groups().items()}
+        groups = {
+            f"backbone.{g}": [f"backbone.{n}" for n in names]
+            for g, names in self.backbone.layer_groups().items()
+        }
         for head_name, head in self.heads.items():
             groups[f"heads.{head_name}"] = [f"heads.{head_name}.{n}" for n, _ in head.named_parameters()]
         return groups
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection, stage: str):
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection, stage: str
+    ):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)

@@ -72,7 +72,9 @@ def warmup_cosine(
         scheduler = warmup_cosine(optimizer, total_steps=1000, warmup_fraction=0.05)
     """
     if total_steps < 1 or not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(f"need total_steps >= 1 and 0 <= warmup_fraction < 1, got {total_steps}, {warmup_fraction}")
+        raise ValueError(
+            f"need total_steps >= 1 and 0 <= warmup_fraction < 1, got {total_steps}, {warmup_fraction}"
+        )
     warmup = int(total_steps * warmup_fraction)
 
     def scale(step: int) -> float:

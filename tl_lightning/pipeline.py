@@ -55,7 +55,9 @@ def train(cfg: DictConfig) -> float | None:
         check_checkpoint_matches(cfg.ckpt_path, module)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    final_val = _scalars(trainer.callback_metrics, prefix="val/")
+    final_val = _scalars(trainer.callback_metrics, prefix="val/") | _scalars(
+        trainer.callback_metrics, "source/"
+    )
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
@@ -89,7 +91,9 @@ def _check_config(cfg: DictConfig) -> None:
     for key in ("lr", "weight_decay"):
         value = optimizer.get(key)
         if value is not None and (value < 0 or (key == "lr" and value == 0)):
-            raise ValueError(f"module.optimizer.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {value}")
+            raise ValueError(
+                f"module.optimizer.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {value}"
+            )
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
 
@@ -121,7 +125,9 @@ def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> to
         if given is not None and given != actual:
             source = "the backbone's feature size" if key == "in_features" else "the data's class count"
             raise ValueError(f"head.{key}={given} does not match {source} ({actual}); remove the key")
-    head_cfg = OmegaConf.masked_copy(head_cfg, [k for k in head_cfg if k not in ("in_features", "num_classes")])
+    head_cfg = OmegaConf.masked_copy(
+        head_cfg, [k for k in head_cfg if k not in ("in_features", "num_classes")]
+    )
     return instantiate(head_cfg, in_features=num_features, num_classes=num_classes)
 
 
@@ -136,7 +142,9 @@ def _instantiate_group(group: DictConfig | None, key: str) -> list:
         if node is None:
             continue
         if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise ValueError(f"{key}.{name} has no _target_; set one or disable the entry with {key}.{name}=null")
+            raise ValueError(
+                f"{key}.{name} has no _target_; set one or disable the entry with {key}.{name}=null"
+            )
         objects.append(instantiate(node))
     return objects
 
@@ -172,4 +180,7 @@ def _best_score(checkpoint, final_val: dict[str, float], monitor: str) -> float 
 
 def _parameter_counts(module: torch.nn.Module) -> dict[str, int]:
     params = list(module.parameters())
-    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+    return {
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "total": sum(p.numel() for p in params),
+    }

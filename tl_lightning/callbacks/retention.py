@@ -25,7 +25,9 @@ class SourceRetention(Callback):
     evaluates the whole probe set, so the values need no synchronisation.
 
     Args:
-        probe_data: Iterable of ``x`` or ``(x, y, ...)`` batches in a fixed order (no shuffling).
+        probe_data: Iterable of ``x`` or ``(x, y, ...)`` batches in a fixed order (no shuffling);
+            ``None`` asks the trainer's datamodule for its ``probe_dataloader()`` in ``setup``, so a
+            data module can build the probe with the same preprocessing as its other splits.
         source_forward: Method of the LightningModule that returns the source task's logits.
         has_labels: Whether the batches' second element holds source-task labels.
         reference: The original model's source logits ``[N, C]`` on the probe set, in probe order;
@@ -33,7 +35,8 @@ class SourceRetention(Callback):
 
     Raises:
         ValueError: If ``probe_data`` shuffles, or ``reference`` is not a 2-D tensor.
-        AttributeError: In ``setup``, if the module has no ``source_forward`` method.
+        AttributeError: In ``setup``, if the module has no ``source_forward`` method, or
+            ``probe_data`` is ``None`` and the datamodule has no ``probe_dataloader``.
         TypeError: While probing, if ``has_labels=True`` but a batch has no labels.
 
     Example::
@@ -44,15 +47,12 @@ class SourceRetention(Callback):
 
     def __init__(
         self,
-        probe_data: Iterable[Any],
+        probe_data: Iterable[Any] | None = None,
         source_forward: str = "source_logits",
         has_labels: bool = False,
         reference: Tensor | None = None,
     ) -> None:
-        if isinstance(probe_data, DataLoader) and isinstance(probe_data.sampler, RandomSampler):
-            raise ValueError(
-                "`probe_data` must iterate in a fixed order: build its DataLoader with shuffle=False"
-            )
+        _check_fixed_order(probe_data)
         if reference is not None and reference.dim() != 2:
             raise ValueError(
                 f"`reference` must be logits of shape [N, C], got shape {tuple(reference.shape)}"
@@ -68,6 +68,15 @@ class SourceRetention(Callback):
             raise AttributeError(
                 f"{type(pl_module).__name__} has no `source_forward` method {self.source_forward!r}"
             )
+        if self.probe_data is None:
+            datamodule = trainer.datamodule
+            if not callable(getattr(datamodule, "probe_dataloader", None)):
+                raise AttributeError(
+                    f"SourceRetention(probe_data=None) needs a datamodule with probe_dataloader(); "
+                    f"got {type(datamodule).__name__}"
+                )
+            self.probe_data = datamodule.probe_dataloader()
+            _check_fixed_order(self.probe_data)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -126,6 +135,13 @@ class SourceRetention(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "reference" in state_dict:
             self._reference = state_dict["reference"]
+
+
+def _check_fixed_order(probe_data: Iterable[Any] | None) -> None:
+    if isinstance(probe_data, DataLoader) and isinstance(probe_data.sampler, RandomSampler):
+        raise ValueError(
+            "`probe_data` must iterate in a fixed order: build its DataLoader with shuffle=False"
+        )
 
 
 def _split(batch: Any, has_labels: bool) -> tuple[Tensor, Tensor | None]:

@@ -70,10 +70,14 @@ class ClassificationDataModule(pl.LightningDataModule):
         ValueError: If ``batch_size`` < 1 or ``num_workers`` < 0.
     """
 
-    def __init__(self, data_config: DataConfig | dict, batch_size: int, num_workers: int, augment: bool) -> None:
+    def __init__(
+        self, data_config: DataConfig | dict, batch_size: int, num_workers: int, augment: bool
+    ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"need data.batch_size >= 1 and data.num_workers >= 0, got {batch_size}, {num_workers}")
+            raise ValueError(
+                f"need data.batch_size >= 1 and data.num_workers >= 0, got {batch_size}, {num_workers}"
+            )
         self.data_config = as_data_config(data_config)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -81,6 +85,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.probe_set: Dataset | None = None
         self.class_names: list[str] = []
 
     @property
@@ -114,6 +119,16 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+    def probe_dataloader(self) -> DataLoader:
+        """Held-out images of the *source* task, for ``SourceRetention`` (fixed order).
+
+        Raises:
+            RuntimeError: If this data module was not configured with a probe set.
+        """
+        if self.probe_set is None:
+            raise RuntimeError(f"{type(self).__name__} has no probe set (see its probe_classes argument)")
+        return self._loader(self.probe_set, shuffle=False)
 
 
 def subset(dataset: Dataset, indices: Sequence[int]) -> Subset:

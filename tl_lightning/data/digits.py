@@ -19,7 +19,9 @@ from tl_lightning.data.base import ClassificationDataModule, check_split, take_p
 class _AugmentedImages(Dataset):
     """Images in ``[0, 1]`` with a random affine jitter, normalised per sample."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ) -> None:
         self.images, self.labels, self.mean, self.std = images, labels, mean, std
         self.jitter = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
 
@@ -43,6 +45,8 @@ class DigitsDataModule(ClassificationDataModule):
         image_size: Side length to upsample to; ``None`` uses the backbone's input size.
         train_per_class: Training examples kept per class; ``None`` keeps all.
         classes: Digits to keep (relabelled ``0..k-1`` in the given order); ``None`` keeps 0-9.
+        probe_classes: Digits of an earlier (source) task: their held-out test images, labelled
+            ``0..m-1`` in the given order, form ``probe_set`` for measuring forgetting.
         val_fraction: Share of all images held out for validation.
         test_fraction: Share of all images held out for testing.
         split_seed: Seed of the split and of the ``train_per_class`` draw.
@@ -65,6 +69,7 @@ class DigitsDataModule(ClassificationDataModule):
         image_size: int | None = None,
         train_per_class: int | None = None,
         classes: Sequence[int] | None = None,
+        probe_classes: Sequence[int] | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         split_seed: int = 0,
@@ -81,6 +86,13 @@ class DigitsDataModule(ClassificationDataModule):
         unknown = sorted(set(self.classes) - set(range(10)))
         if unknown or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
             raise ValueError(f"data.classes must be >= 2 distinct digits from 0-9, got {list(classes)}")
+        self.probe_classes = None if probe_classes is None else [int(c) for c in probe_classes]
+        if self.probe_classes is not None and (
+            set(self.probe_classes) & set(self.classes) or not set(self.probe_classes) <= set(range(10))
+        ):
+            raise ValueError(
+                f"data.probe_classes must be digits not in data.classes, got {list(probe_classes)}"
+            )
         self.image_size = image_size or self.data_config.input_size[-1]
         self.train_per_class = train_per_class
         self.val_fraction = val_fraction
@@ -91,8 +103,27 @@ class DigitsDataModule(ClassificationDataModule):
         if self.train_set is not None:
             return
         digits = load_digits()
-        keep = np.isin(digits.target, self.classes)
-        relabel = {digit: index for index, digit in enumerate(self.classes)}
+        if self.probe_classes is not None:
+            images, labels, _, _, test_idx = self._split(digits, self.probe_classes)
+            self.probe_set = self._dataset(images[test_idx], torch.as_tensor(labels[test_idx]), augment=False)
+        images, labels, train_idx, val_idx, test_idx = self._split(digits, self.classes)
+        train_idx = train_idx[take_per_class(labels[train_idx], self.train_per_class, self.split_seed)]
+        self.class_names = [str(d) for d in self.classes]
+        for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+            check_split(labels[idx], len(self.classes), split)
+        targets = torch.as_tensor(labels)
+        self.train_set = self._dataset(images[train_idx], targets[train_idx], self.augment)
+        self.val_set = self._dataset(images[val_idx], targets[val_idx], augment=False)
+        self.test_set = self._dataset(images[test_idx], targets[test_idx], augment=False)
+
+    def _split(self, digits, classes: list[int]):
+        """Resized images, labels ``0..k-1`` and stratified train/val/test indices of ``classes``.
+
+        The split of a digit depends only on ``split_seed`` and the set of digits, so the probe
+        set of a target run is exactly the test split of the source run with those digits.
+        """
+        keep = np.isin(digits.target, classes)
+        relabel = {digit: index for index, digit in enumerate(classes)}
         labels = np.array([relabel[d] for d in digits.target[keep]])
         images = self._resize(torch.tensor(digits.images[keep], dtype=torch.float32) / 16.0)
         indices = np.arange(len(labels))
@@ -108,14 +139,7 @@ class DigitsDataModule(ClassificationDataModule):
             stratify=labels[holdout_idx],
             random_state=self.split_seed,
         )
-        train_idx = train_idx[take_per_class(labels[train_idx], self.train_per_class, self.split_seed)]
-        self.class_names = [str(d) for d in self.classes]
-        for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-            check_split(labels[idx], len(self.classes), split)
-        targets = torch.as_tensor(labels)
-        self.train_set = self._dataset(images[train_idx], targets[train_idx], self.augment)
-        self.val_set = self._dataset(images[val_idx], targets[val_idx], augment=False)
-        self.test_set = self._dataset(images[test_idx], targets[test_idx], augment=False)
+        return images, labels, train_idx, val_idx, test_idx
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, 8, 8)`` in ``[0, 1]`` -> ``(N, 3, S, S)`` in ``[0, 1]`` with the backbone's interpolation."""

@@ -116,7 +116,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         targets = np.array(train.targets)
         train_idx = train_idx[take_per_class(targets[train_idx], self.train_per_class, self.split_seed)]
         self.class_names = list(train.classes)
-        for name, folder, idx in (("train", train, train_idx), ("val", val, val_idx), ("test", test, test_idx)):
+        for name, folder, idx in (
+            ("train", train, train_idx),
+            ("val", val, val_idx),
+            ("test", test, test_idx),
+        ):
             check_split(np.array(folder.targets)[idx] if len(idx) else [], len(self.class_names), name)
         self.train_set = subset(train, train_idx)
         self.val_set = subset(val, val_idx)
@@ -127,7 +131,9 @@ class ImageFolderDataModule(ClassificationDataModule):
             raise ValueError(f"no images under data.root={str(self.root)!r}")
         indices = np.arange(len(labels))
         holdout = self.val_fraction + self.test_fraction
-        train_idx, rest = train_test_split(indices, test_size=holdout, stratify=labels, random_state=self.split_seed)
+        train_idx, rest = train_test_split(
+            indices, test_size=holdout, stratify=labels, random_state=self.split_seed
+        )
         val_idx, test_idx = train_test_split(
             rest, test_size=self.test_fraction / holdout, stratify=labels[rest], random_state=self.split_seed
         )

@@ -63,7 +63,9 @@ class TorchvisionDataModule(ClassificationDataModule):
     def _dataset(self, train: bool, augment_split: bool):
         cls = getattr(torchvision.datasets, self.name)
         transform = image_transform(self.data_config, augment_split, self.augment, self.image_size)
-        split = {"split": "train" if train else "test"} if self.name in ("SVHN", "STL10") else {"train": train}
+        split = (
+            {"split": "train" if train else "test"} if self.name in ("SVHN", "STL10") else {"train": train}
+        )
         return cls(self.root, download=self.download, transform=transform, **split)
 
     def prepare_data(self) -> None:

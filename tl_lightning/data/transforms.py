@@ -8,7 +8,9 @@ from torchvision.transforms import InterpolationMode, v2
 from tl_lightning.backbones import DataConfig
 
 
-def image_transform(data_config: DataConfig, train: bool, augment: bool, image_size: int | None = None) -> v2.Compose:
+def image_transform(
+    data_config: DataConfig, train: bool, augment: bool, image_size: int | None = None
+) -> v2.Compose:
     """PIL image -> normalised float tensor at the backbone's resolution.
 
     Args:
@@ -20,7 +22,10 @@ def image_transform(data_config: DataConfig, train: bool, augment: bool, image_s
     size = image_size or data_config.input_size[-1]
     interpolation = InterpolationMode(data_config.interpolation)
     if train and augment:
-        geometry = [v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True), v2.RandomHorizontalFlip()]
+        geometry = [
+            v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
     else:
         geometry = [v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
     return v2.Compose(
