@@ -34,16 +34,17 @@ def check_split(labels: Sequence[int], num_classes: int, split: str) -> None:
         raise ValueError(f"the {split} split has no example of classes {missing}")
 
 
-def take_per_class(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    """Indices of ``per_class`` examples of every class (all when ``None``), drawn with ``seed``.
+def take_per_class(labels: np.ndarray, per_class: int | str | None, seed: int) -> np.ndarray:
+    """Indices of ``per_class`` examples of every class (all when ``None`` or ``"all"``), drawn with ``seed``.
 
     Raises:
-        ValueError: If ``per_class`` < 1 or larger than what a class has, naming ``data.train_per_class``.
+        ValueError: If ``per_class`` is not a positive integer, ``"all"`` or ``None``, or is larger
+            than what a class has, naming ``data.train_per_class``.
     """
-    if per_class is None:
+    if per_class is None or per_class == "all":
         return np.arange(len(labels))
-    if per_class < 1:
-        raise ValueError(f"data.train_per_class must be >= 1 or null, got {per_class}")
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"data.train_per_class must be an integer >= 1, 'all' or null, got {per_class!r}")
     rng = np.random.default_rng(seed)
     chosen = []
     for cls in np.unique(labels):

@@ -43,13 +43,15 @@ class DigitsDataModule(ClassificationDataModule):
         data_config: The backbone's preprocessing; mean, std and interpolation are used.
         batch_size: Samples per batch.
         image_size: Side length to upsample to; ``None`` uses the backbone's input size.
-        train_per_class: Training examples kept per class; ``None`` keeps all.
+        train_per_class: Training examples kept per class; ``None`` or ``"all"`` keeps all.
         classes: Digits to keep (relabelled ``0..k-1`` in the given order); ``None`` keeps 0-9.
         probe_classes: Digits of an earlier (source) task: their held-out test images, labelled
             ``0..m-1`` in the given order, form ``probe_set`` for measuring forgetting.
         val_fraction: Share of all images held out for validation.
         test_fraction: Share of all images held out for testing.
-        split_seed: Seed of the split and of the ``train_per_class`` draw.
+        split_seed: Seed of the train/val/test split (fixed, so every run is scored on the same images).
+        subset_seed: Seed of the ``train_per_class`` draw; ``None`` uses ``split_seed``. The configs
+            pass the run's ``seed``, so seeds differ in which few examples they see.
         augment: Random affine jitter on training images.
         num_workers: ``DataLoader`` workers (0 is fastest for in-memory tensors).
 
@@ -67,12 +69,13 @@ class DigitsDataModule(ClassificationDataModule):
         data_config: DataConfig | dict,
         batch_size: int = 64,
         image_size: int | None = None,
-        train_per_class: int | None = None,
+        train_per_class: int | str | None = None,
         classes: Sequence[int] | None = None,
         probe_classes: Sequence[int] | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        subset_seed: int | None = None,
         augment: bool = False,
         num_workers: int = 0,
     ) -> None:
@@ -98,6 +101,7 @@ class DigitsDataModule(ClassificationDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.subset_seed = split_seed if subset_seed is None else subset_seed
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -107,7 +111,7 @@ class DigitsDataModule(ClassificationDataModule):
             images, labels, _, _, test_idx = self._split(digits, self.probe_classes)
             self.probe_set = self._dataset(images[test_idx], torch.as_tensor(labels[test_idx]), augment=False)
         images, labels, train_idx, val_idx, test_idx = self._split(digits, self.classes)
-        train_idx = train_idx[take_per_class(labels[train_idx], self.train_per_class, self.split_seed)]
+        train_idx = train_idx[take_per_class(labels[train_idx], self.train_per_class, self.subset_seed)]
         self.class_names = [str(d) for d in self.classes]
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             check_split(labels[idx], len(self.classes), split)

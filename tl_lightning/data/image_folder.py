@@ -40,7 +40,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         data_config: The backbone's preprocessing.
         batch_size: Samples per batch.
         image_size: Side length; ``None`` uses the backbone's input size.
-        train_per_class: Training examples kept per class; ``None`` keeps all.
+        train_per_class: Training examples kept per class; ``None`` or ``"all"`` keeps all.
         val_fraction: Share held out for validation when ``root`` has no split folders.
         test_fraction: Share held out for testing when ``root`` has no split folders.
         split_seed: Seed of the split and of the ``train_per_class`` draw.
@@ -63,7 +63,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         data_config: DataConfig | dict,
         batch_size: int = 32,
         image_size: int | None = None,
-        train_per_class: int | None = None,
+        train_per_class: int | str | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,

@@ -23,7 +23,7 @@ class TorchvisionDataModule(ClassificationDataModule):
         download: Download when missing (needs internet).
         batch_size: Samples per batch.
         image_size: Side length; ``None`` uses the backbone's input size.
-        train_per_class: Training examples kept per class; ``None`` keeps all.
+        train_per_class: Training examples kept per class; ``None`` or ``"all"`` keeps all.
         val_fraction: Share of the official training split used for validation.
         split_seed: Seed of the validation split and the ``train_per_class`` draw.
         augment: Random resized crop and flip on training images.
@@ -45,7 +45,7 @@ class TorchvisionDataModule(ClassificationDataModule):
         download: bool = True,
         batch_size: int = 64,
         image_size: int | None = None,
-        train_per_class: int | None = None,
+        train_per_class: int | str | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         augment: bool = True,
