@@ -53,7 +53,7 @@ class Run:
         train_per_class: ``data.train_per_class``; ``None`` means all training examples.
         seed: The config's ``seed`` (``None`` if unknown).
         value: The chosen metric, ``None`` if this run did not log it.
-        train_examples: ``metrics.json["train_examples"]`` if present (examples per class used).
+        train_examples: ``metrics.json["train_examples_per_class"]`` if present.
         overrides: The run's ``.hydra/overrides.yaml`` (empty if missing).
         drift: Final (last logged) drift per layer group, keyed by group name in CSV column order.
     """
@@ -150,13 +150,10 @@ def _read_run(metrics_file: Path, metric: str) -> Run:
     overridden = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
 
     data = config.get("data") or {}
-    if "train_per_class" in data:
-        per_class = data["train_per_class"]
-    else:
-        per_class = overridden.get("data.train_per_class", "null")
-        per_class = None if per_class in ("null", "None", "") else per_class
+    per_class = data["train_per_class"] if "train_per_class" in data else overridden.get("data.train_per_class")
+    per_class = None if per_class in (None, "null", "None", "", ALL) else per_class
     seed = config.get("seed", overridden.get("seed"))
-    train_examples = metrics.get("train_examples")
+    train_examples = metrics.get("train_examples_per_class")
     strategy = metrics.get("strategy") or config.get("strategy_name") or overridden.get("strategy", "?")
     return Run(
         path=run_dir,

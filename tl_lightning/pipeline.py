@@ -67,7 +67,7 @@ def train(cfg: DictConfig) -> float | None:
         metrics = {
             "strategy": cfg.strategy_name,
             "feature_cache": cached,
-            "train_examples": len(datamodule.train_set),
+            "train_examples_per_class": round(len(datamodule.train_set) / datamodule.num_classes, 1),
             "monitor": cfg.monitor,
             "best": {cfg.monitor: best},
             "final": final_val,
