@@ -150,7 +150,9 @@ def _read_run(metrics_file: Path, metric: str) -> Run:
     overridden = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
 
     data = config.get("data") or {}
-    per_class = data["train_per_class"] if "train_per_class" in data else overridden.get("data.train_per_class")
+    per_class = (
+        data["train_per_class"] if "train_per_class" in data else overridden.get("data.train_per_class")
+    )
     per_class = None if per_class in (None, "null", "None", "", ALL) else per_class
     seed = config.get("seed", overridden.get("seed"))
     train_examples = metrics.get("train_examples_per_class")

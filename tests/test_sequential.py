@@ -27,7 +27,10 @@ def test_probe_set_is_the_source_runs_test_split():
 
 def test_source_stage_then_target_stage_with_retention(make_cfg, tmp_path):
     source_cfg = make_cfg(
-        "backbone=small_cnn", "strategy=scratch", "data.classes=[0,1,2,3,4]", "++trainer.limit_train_batches=6",
+        "backbone=small_cnn",
+        "strategy=scratch",
+        "data.classes=[0,1,2,3,4]",
+        "++trainer.limit_train_batches=6",
         run="source",
     )
     train(source_cfg)

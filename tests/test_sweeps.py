@@ -36,7 +36,11 @@ def test_multirun_writes_one_metrics_file_per_run_and_report_aggregates(tmp_path
     assert len(runs) == 8
     assert {json.loads(r.read_text())["strategy"] for r in runs} == {"scratch", "full_finetune"}
     report = subprocess.run(
-        [sys.executable, "scripts/report.py", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "scripts/report.py", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert report.returncode == 0, report.stderr[-2000:]
     text = (sweep / "report.md").read_text()

@@ -109,7 +109,7 @@ class CachedFeatureDataModule(ClassificationDataModule):
     ) -> None:
         if not datamodule.deterministic_train:
             raise ValueError("feature caching needs deterministic training inputs; set data.augment=false")
-        super().__init__(datamodule.data_config, datamodule.batch_size, 0, augment=False)
+        super().__init__(datamodule.data_config, datamodule.batch_size, 0, False, datamodule.shuffle_seed)
         self.source = datamodule
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None

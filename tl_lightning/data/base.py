@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Subset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from tl_lightning.backbones import DataConfig
 
@@ -57,6 +58,32 @@ def take_per_class(labels: np.ndarray, per_class: int | str | None, seed: int) -
     return np.sort(np.concatenate(chosen))
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A new permutation every epoch, drawn from ``seed`` and the epoch number alone.
+
+    Lightning calls ``set_epoch`` before every training epoch, so a run resumed from a checkpoint
+    visits the samples in the same order as a run that never stopped (a ``RandomSampler`` draws from
+    the global RNG, whose state a checkpoint does not hold).
+
+    Args:
+        length: Number of samples.
+        seed: Base seed; epoch ``e`` uses ``seed + e``.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class ClassificationDataModule(pl.LightningDataModule):
     """Base for image-classification data: subclasses fill ``train_set``/``val_set``/``test_set``.
 
@@ -66,13 +93,19 @@ class ClassificationDataModule(pl.LightningDataModule):
         num_workers: ``DataLoader`` worker processes.
         augment: Random training augmentation; when ``False`` training transforms are
             deterministic (which feature caching relies on).
+        shuffle_seed: Seed of the per-epoch training order (:class:`EpochShuffleSampler`).
 
     Raises:
         ValueError: If ``batch_size`` < 1 or ``num_workers`` < 0.
     """
 
     def __init__(
-        self, data_config: DataConfig | dict, batch_size: int, num_workers: int, augment: bool
+        self,
+        data_config: DataConfig | dict,
+        batch_size: int,
+        num_workers: int,
+        augment: bool,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -83,6 +116,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.augment = augment
+        self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -107,7 +141,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -53,6 +53,7 @@ class DigitsDataModule(ClassificationDataModule):
         subset_seed: Seed of the ``train_per_class`` draw; ``None`` uses ``split_seed``. The configs
             pass the run's ``seed``, so seeds differ in which few examples they see.
         augment: Random affine jitter on training images.
+        shuffle_seed: Seed of the per-epoch training order (resume-exact shuffling).
         num_workers: ``DataLoader`` workers (0 is fastest for in-memory tensors).
 
     Raises:
@@ -78,8 +79,9 @@ class DigitsDataModule(ClassificationDataModule):
         subset_seed: int | None = None,
         augment: bool = False,
         num_workers: int = 0,
+        shuffle_seed: int = 0,
     ) -> None:
-        super().__init__(data_config, batch_size, num_workers, augment)
+        super().__init__(data_config, batch_size, num_workers, augment, shuffle_seed)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1, "

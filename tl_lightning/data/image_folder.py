@@ -46,6 +46,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         split_seed: Seed of the split and of the ``train_per_class`` draw.
         augment: Random resized crop and flip on training images.
         skip_corrupt: Drop unreadable images instead of stopping.
+        shuffle_seed: Seed of the per-epoch training order (resume-exact shuffling).
         num_workers: ``DataLoader`` workers.
 
     Raises:
@@ -70,8 +71,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         augment: bool = True,
         skip_corrupt: bool = False,
         num_workers: int = 2,
+        shuffle_seed: int = 0,
     ) -> None:
-        super().__init__(data_config, batch_size, num_workers, augment)
+        super().__init__(data_config, batch_size, num_workers, augment, shuffle_seed)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={str(self.root)!r} is not a directory")

@@ -27,6 +27,7 @@ class TorchvisionDataModule(ClassificationDataModule):
         val_fraction: Share of the official training split used for validation.
         split_seed: Seed of the validation split and the ``train_per_class`` draw.
         augment: Random resized crop and flip on training images.
+        shuffle_seed: Seed of the per-epoch training order (resume-exact shuffling).
         num_workers: ``DataLoader`` workers.
 
     Raises:
@@ -50,8 +51,9 @@ class TorchvisionDataModule(ClassificationDataModule):
         split_seed: int = 0,
         augment: bool = True,
         num_workers: int = 4,
+        shuffle_seed: int = 0,
     ) -> None:
-        super().__init__(data_config, batch_size, num_workers, augment)
+        super().__init__(data_config, batch_size, num_workers, augment, shuffle_seed)
         if name not in SUPPORTED:
             raise ValueError(f"data.name={name!r} is not supported; choices: {list(SUPPORTED)}")
         self.name, self.root, self.download = name, root, download

@@ -1,0 +1,68 @@
+"""Stopping after an epoch and resuming from last.ckpt reproduces the uninterrupted run."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from tl_lightning.pipeline import train
+
+RUN = [
+    "backbone=small_cnn",
+    "backbone.channels=[8,16,16]",
+    "strategy=gradual_unfreeze",
+    "callbacks.gradual_unfreeze.milestones=[1,2]",
+    "callbacks.gradual_unfreeze.groups_per_milestone=1",
+    "callbacks.gradual_unfreeze.warmup_steps=3",
+    "trainer.max_epochs=3",
+    "++trainer.limit_train_batches=4",
+    "++trainer.limit_val_batches=1",
+    "++trainer.limit_test_batches=1",
+]
+
+
+class StopAfterEpoch(pl.Callback):
+    """Simulates an interruption: ends ``fit`` after ``epoch`` (0-based), once last.ckpt is written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _weights(cfg) -> dict[str, torch.Tensor]:
+    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)[
+        "state_dict"
+    ]
+
+
+@pytest.mark.parametrize("stop_after", [0, 1], ids=["at_milestone", "between_milestones"])
+def test_resume_reproduces_uninterrupted_run(make_cfg, stop_after):
+    straight = make_cfg(*RUN, run="straight")
+    train(straight)
+
+    interrupted = make_cfg(
+        *RUN,
+        "+callbacks.stop._target_=test_resume.StopAfterEpoch",
+        f"+callbacks.stop.epoch={stop_after}",
+        run="cut",
+    )
+    train(interrupted)
+    checkpoint = Path(interrupted.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == stop_after
+
+    resumed = make_cfg(*RUN, f"ckpt_path={checkpoint}", run="resumed")
+    train(resumed)
+    expected, actual = _weights(straight), _weights(resumed)
+    assert expected.keys() == actual.keys()
+    gaps = {k: (expected[k].float() - actual[k].float()).abs().max().item() for k in expected}
+    assert max(gaps.values()) <= 1e-6, {k: v for k, v in gaps.items() if v > 1e-6}
+    changed = [
+        k
+        for k in expected
+        if k.startswith("backbone.") and not torch.equal(expected[k], _weights(interrupted)[k])
+    ]
+    assert changed, "the resumed part must have trained the backbone, or the comparison proves nothing"
