@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -85,8 +85,13 @@ def selected_parameters(root: nn.Module, modules: ModuleSelector) -> dict[str, n
     return params
 
 
-def layer_groups(root: nn.Module, modules: ModuleSelector) -> dict[str, list[str]]:
+def layer_groups(
+    root: nn.Module, modules: ModuleSelector, explicit: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, list[str]]:
     """Ordered (input -> output) layer groups of the selected modules, as parameter names in ``root``.
+
+    With ``explicit`` (``{group name: [paths or regexes]}``, as callers pass it) the groups are
+    resolved by :func:`match_layer_groups` instead.
 
     Each selected module contributes its own groups: those from its ``layer_groups()`` method when
     it has one, else one group per child that owns parameters (plus one for parameters held
@@ -100,6 +105,8 @@ def layer_groups(root: nn.Module, modules: ModuleSelector) -> dict[str, list[str
         ValueError: If a module's ``layer_groups()`` misses or repeats a parameter, or names one
             that does not exist.
     """
+    if explicit is not None:
+        return match_layer_groups(root, modules, dict(explicit))
     groups: dict[str, list[str]] = {}
     for prefix, module in select_modules(root, modules).items():
         if callable(getattr(module, "layer_groups", None)):
@@ -141,6 +148,14 @@ def _check_partition(module: nn.Module, groups: dict[str, list[str]], prefix: st
             f"layer_groups() of {prefix or type(module).__name__!r} must partition its parameters: "
             f"unknown={unknown[:5]}, missing={missing[:5]}, repeated={repeated}"
         )
+
+
+def layer_parameters(
+    root: nn.Module, groups: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, nn.Parameter]]:
+    """``{group: {parameter name: parameter}}`` for layer groups given as parameter names in ``root``."""
+    params = dict(root.named_parameters())
+    return {group: {name: params[name] for name in names} for group, names in groups.items()}
 
 
 def match_layer_groups(

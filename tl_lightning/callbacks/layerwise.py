@@ -12,7 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from tl_lightning.callbacks._param_groups import optimizer_schedulers, partition_optimizers, scale_lrs
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, match_layer_groups
+from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, layer_parameters
 
 
 class LayerwiseLR(Callback):
@@ -82,12 +82,8 @@ class LayerwiseLR(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.layer_groups is not None:
-            names = match_layer_groups(pl_module, self.modules, self.layer_groups)
-        else:
-            names = layer_groups(pl_module, self.modules)
-        params = dict(pl_module.named_parameters())
-        self._layers = {layer: {n: params[n] for n in group} for layer, group in names.items()}
+        names = layer_groups(pl_module, self.modules, self.layer_groups)
+        self._layers = layer_parameters(pl_module, names)
         self.factors = self._factors(list(names))
         self._logged_step = -1
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, match_layer_groups
+from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups
 
 
 class TrainableParamsMonitor(Callback):
@@ -78,10 +78,7 @@ class LayerDriftMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.layer_groups is not None:
-            self._groups = match_layer_groups(pl_module, self.modules, self.layer_groups)
-        else:
-            self._groups = layer_groups(pl_module, self.modules)
+        self._groups = layer_groups(pl_module, self.modules, self.layer_groups)
         self._initial = {}
 
     @override

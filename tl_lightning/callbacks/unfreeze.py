@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from tl_lightning.callbacks._param_groups import groups_of_layers, partition_optimizers
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, match_layer_groups
+from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, layer_parameters
 from tl_lightning.callbacks.freeze import keep_eval, modules_by_name, norm_layers, norm_parameter_names
 
 UNITS = ("epoch", "step")
@@ -143,13 +143,9 @@ class GradualUnfreeze(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.layer_groups is not None:
-            names = match_layer_groups(pl_module, self.modules, self.layer_groups)
-        else:
-            names = layer_groups(pl_module, self.modules)
+        names = layer_groups(pl_module, self.modules, self.layer_groups)
         self._blocks = self._plan(list(names))
-        params = dict(pl_module.named_parameters())
-        self._layers = {layer: {n: params[n] for n in group} for layer, group in names.items()}
+        self._layers = layer_parameters(pl_module, names)
         norms = norm_layers(pl_module, self.modules)
         self._norms = _norms_by_layer(list(norms), self._layers)
         trainable = norm_parameter_names(norms) if self.train_bn else set()
