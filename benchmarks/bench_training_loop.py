@@ -26,6 +26,7 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from tl_lightning.backbones import efficientnet_lite0
 from tl_lightning.callbacks import Freeze
@@ -33,15 +34,12 @@ from tl_lightning.heads import LinearHead
 from tl_lightning.module import TransferModule
 
 
-def _batches(steps: int, batch_size: int, image_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(steps: int, batch_size: int, image_size: int) -> DataLoader:
+    """The same fixed batches for every variant (random images: speed does not depend on content)."""
     generator = torch.Generator().manual_seed(0)
-    return [
-        (
-            torch.randn(batch_size, 3, image_size, image_size, generator=generator),
-            torch.randint(0, 10, (batch_size,), generator=generator),
-        )
-        for _ in range(steps)
-    ]
+    images = torch.randn(steps * batch_size, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, 10, (steps * batch_size,), generator=generator)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size)
 
 
 class _StepTimer(pl.Callback):
@@ -126,8 +124,10 @@ def main() -> None:
                 target=_measure, args=(name, frozen, args.steps, args.batch_size, args.image_size, queue)
             )
             process.start()
-            results[(name, frozen)] = queue.get()
             process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"the {name} {'frozen' if frozen else 'full'} variant failed")
+            results[(name, frozen)] = queue.get()
     print(
         f"EfficientNet-Lite0, batch {args.batch_size}, {args.image_size}px, "
         f"{torch.get_num_threads()} threads, "
