@@ -14,6 +14,9 @@ DAISY = 985  # ImageNet-1k class index
 def test_efficientnet_lite0_has_real_imagenet_weights():
     """The packaged weights classify a real photo of a daisy as ImageNet's 'daisy'."""
     backbone = efficientnet_lite0()
+    assert not any("source" in key for key in backbone.state_dict()), (
+        "the source head is held, not a sub-module"
+    )
     source_head = backbone.pop_source_head().eval()
     backbone.eval()
     cfg = backbone.data_config

@@ -69,7 +69,7 @@ class Backbone(nn.Module):
         self.data_config = data_config
         self.name = name
         self._group_of = group_of
-        self._source_head = source_head
+        self.set_source_head(source_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -81,13 +81,19 @@ class Backbone(nn.Module):
             groups.setdefault(self._group_of[name], []).append(f"model.{name}")
         return groups
 
-    def set_source_head(self, head: nn.Module) -> None:
-        """Give the backbone a source classifier, e.g. one trained on an earlier task."""
-        self._source_head = head
+    def set_source_head(self, head: nn.Module | None) -> None:
+        """Give the backbone a source classifier, e.g. one trained on an earlier task.
+
+        The head is held, not registered as a sub-module: it is no part of the feature extractor,
+        so it stays out of this module's ``state_dict``, parameters and selectors until a
+        ``TransferModule`` takes it with :meth:`pop_source_head`.
+        """
+        object.__setattr__(self, "_source_head", head)
 
     def pop_source_head(self) -> nn.Module | None:
         """Hand over the pretrained classifier (once); ``None`` when the weights brought none."""
-        head, self._source_head = self._source_head, None
+        head = self._source_head
+        self.set_source_head(None)
         return head
 
 
