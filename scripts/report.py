@@ -438,12 +438,7 @@ def plot_sample_efficiency(runs: Sequence[Run], metric: str, out_file: Path) -> 
     ax.set_xlabel("labelled training examples per class")
     ax.set_ylabel(metric)
     ax.set_title(f"Sample efficiency ({metric}, mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=120)
-    plt.close(fig)
-    return out_file
+    return _save(plt, fig, ax, out_file)
 
 
 def plot_drift(runs: Sequence[Run], out_file: Path) -> Path | None:
@@ -461,6 +456,11 @@ def plot_drift(runs: Sequence[Run], out_file: Path) -> Path | None:
     ax.set_xlabel("layer group (input -> output)")
     ax.set_ylabel("relative drift ||θ-θ₀|| / ||θ₀||")
     ax.set_title(f"Final layer drift (train_per_class={label}, mean over seeds)")
+    return _save(plt, fig, ax, out_file)
+
+
+def _save(plt, fig, ax, out_file: Path) -> Path:
+    """Grid, legend and layout shared by both plots; write the PNG and free the figure."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from callback_helpers import make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -55,19 +56,8 @@ class GradTap(Callback):
         self.params.append({n: p.detach().clone() for n, p in named})
 
 
-def _trainer(tmp_path, callbacks, **kwargs) -> Trainer:
-    defaults = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    return Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+def _trainer(tmp_path, callbacks, max_epochs: int = 1, **kwargs) -> Trainer:
+    return make_trainer(tmp_path, max_epochs, callbacks, log_every_n_steps=1, **kwargs)
 
 
 def _penalty_grads(params, terms):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from callback_helpers import make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -43,17 +44,7 @@ def _loader(n: int, classes: int, seed: int) -> DataLoader:
 
 
 def _fit(tmp_path, model, callbacks, max_epochs=1) -> Trainer:
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = make_trainer(tmp_path, max_epochs, callbacks)
     trainer.fit(model, _loader(32, 2, 1), _loader(8, 2, 2))
     return trainer
 
@@ -99,29 +90,11 @@ def test_accuracy_with_source_labels(tmp_path):
 
 def test_resume_keeps_the_original_reference(tmp_path):
     first = SourceRetention(_loader(24, 6, 3))
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[first, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
-    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, 1, [first, checkpoint], enable_checkpointing=True)
     trainer.fit(Tiny(lr=5.0), _loader(32, 2, 1), _loader(8, 2, 2))
     resumed = SourceRetention(_loader(24, 6, 3))
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[resumed],
-    )
+    trainer = make_trainer(tmp_path, 2, [resumed])
     trainer.fit(Tiny(lr=5.0), _loader(32, 2, 1), _loader(8, 2, 2), ckpt_path=tmp_path / "last.ckpt")
     assert torch.equal(resumed.state_dict()["reference"], first.state_dict()["reference"])
 

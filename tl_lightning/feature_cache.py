@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from tl_lightning.callbacks import Freeze, GradualUnfreeze
 from tl_lightning.data.base import ClassificationDataModule
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ def cache_applies(callbacks: Sequence[pl.Callback], datamodule: ClassificationDa
     True when a ``Freeze`` callback selects ``backbone`` with ``train_bn=False`` and no callback
     that changes trainability later (``GradualUnfreeze``) is present.
     """
-    from tl_lightning.callbacks import Freeze, GradualUnfreeze
-
     frozen = any(isinstance(c, Freeze) and "backbone" in c.modules and not c.train_bn for c in callbacks)
     unfreezes = any(isinstance(c, GradualUnfreeze) for c in callbacks)
     return frozen and not unfreezes and datamodule.deterministic_train
