@@ -66,3 +66,25 @@ def test_resume_reproduces_uninterrupted_run(make_cfg, stop_after):
         if k.startswith("backbone.") and not torch.equal(expected[k], _weights(interrupted)[k])
     ]
     assert changed, "the resumed part must have trained the backbone, or the comparison proves nothing"
+
+
+def test_resume_under_another_strategy_is_refused_unless_allowed(make_cfg):
+    first = make_cfg("backbone=small_cnn", "strategy=discriminative_lr", run="first")
+    train(first)
+    checkpoint = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["tl_lightning"]["strategy"] == "discriminative_lr"
+
+    other = make_cfg("backbone=small_cnn", "strategy=full_finetune", f"ckpt_path={checkpoint}", run="other")
+    with pytest.raises(ValueError, match="strategy=discriminative_lr.*allow_strategy_change=true"):
+        train(other)
+    assert not (Path(other.paths.output_dir) / "checkpoints").exists(), "refused before training"
+
+    allowed = make_cfg(
+        "backbone=small_cnn",
+        "strategy=full_finetune",
+        f"ckpt_path={checkpoint}",
+        "allow_strategy_change=true",
+        "trainer.max_epochs=2",
+        run="allowed",
+    )
+    train(allowed)

@@ -13,6 +13,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from tl_lightning.checkpointing import (
+    METADATA_KEY,
+    AtomicCheckpointIO,
+    RunMetadata,
+    load_checkpoint,
+    run_metadata,
+)
 from tl_lightning.feature_cache import MODES, CachedFeatureDataModule, cache_applies
 
 log = logging.getLogger(__name__)
@@ -44,15 +51,18 @@ def train(cfg: DictConfig) -> float | None:
     head = _build_head(cfg.head, backbone.num_features, datamodule.num_classes)
     module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=datamodule.num_classes)
     callbacks = _instantiate_group(cfg.callbacks, "callbacks")
+    callbacks.append(RunMetadata(_run_metadata(cfg, backbone, datamodule)))
     loggers = _instantiate_group(cfg.logger, "logger")
     cached = _feature_cache_mode(cfg, callbacks, datamodule)
     if cached != "off":
         cache_dir = Path(cfg.paths.cache_dir) / "features" if cached == "disk" else None
         datamodule = CachedFeatureDataModule(datamodule, backbone, cache_dir)
         module.use_cached_features()
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     if cfg.ckpt_path:
-        check_checkpoint_matches(cfg.ckpt_path, module)
+        _check_resume(cfg, module)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     final_val = _scalars(trainer.callback_metrics, prefix="val/") | _scalars(
@@ -96,6 +106,17 @@ def _check_config(cfg: DictConfig) -> None:
             )
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+
+
+def _run_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
+    """``checkpoint["tl_lightning"]`` for this run (see ``tl_lightning.checkpointing.run_metadata``)."""
+    class_names = getattr(datamodule, "class_names", None) or [str(i) for i in range(datamodule.num_classes)]
+    return run_metadata(
+        OmegaConf.to_container(cfg, resolve=True),
+        cfg.strategy_name,
+        class_names,
+        backbone.data_config.as_dict(),
+    )
 
 
 def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule) -> str:
@@ -149,13 +170,20 @@ def _instantiate_group(group: DictConfig | None, key: str) -> list:
     return objects
 
 
-def check_checkpoint_matches(path: str, module: torch.nn.Module) -> None:
+def _check_resume(cfg: DictConfig, module: torch.nn.Module) -> None:
+    """Stop before training when ``cfg.ckpt_path`` is unreadable, from another model or another strategy."""
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    check_checkpoint_matches(checkpoint, module, cfg.ckpt_path)
+    check_same_strategy(checkpoint, cfg.strategy_name, cfg.allow_strategy_change, cfg.ckpt_path)
+
+
+def check_checkpoint_matches(checkpoint: dict, module: torch.nn.Module, path: str) -> None:
     """Stop before training when a checkpoint's weights do not fit ``module``.
 
     Raises:
-        ValueError: Naming the first mismatched parameters.
+        ValueError: Naming the checkpoint and the first mismatched parameters.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    state = checkpoint.get("state_dict", {})
     ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(ours) - set(theirs))
@@ -166,6 +194,30 @@ def check_checkpoint_matches(path: str, module: torch.nn.Module) -> None:
             f"ckpt_path={path!r} was saved from another model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
         )
+
+
+def check_same_strategy(checkpoint: dict, strategy: str, allow_change: bool, path: str) -> None:
+    """Stop before training when resuming a checkpoint written under another strategy.
+
+    A different strategy means different callbacks (freezing, layer-wise learning rates, penalties),
+    whose saved state would silently be dropped or misapplied. Checkpoints without
+    ``checkpoint["tl_lightning"]`` (written outside ``train``) are not checked.
+
+    Raises:
+        ValueError: Naming both strategies and the ``allow_strategy_change`` opt-out.
+    """
+    saved = checkpoint.get(METADATA_KEY, {}).get("strategy")
+    if saved is None or saved == strategy:
+        return
+    if allow_change:
+        log.warning(
+            "resuming a strategy=%s checkpoint under strategy=%s (allow_strategy_change)", saved, strategy
+        )
+        return
+    raise ValueError(
+        f"ckpt_path={path!r} was written by strategy={saved}, but this run is strategy={strategy}; "
+        f"resume with strategy={saved}, or set allow_strategy_change=true to continue under {strategy}"
+    )
 
 
 def _scalars(metrics: dict, prefix: str) -> dict[str, float]:

@@ -1,0 +1,158 @@
+"""Checkpoints that survive a kill at any instant and describe the run that wrote them.
+
+* ``AtomicCheckpointIO`` writes every checkpoint to a temporary file *next to* its destination,
+  fsyncs it and renames it over the destination, so the previous checkpoint stays intact until the
+  new one is complete, whatever file system the run directory is on (Lightning's own save goes
+  through a temporary file in ``TMPDIR`` and copies it over the destination).
+* ``RunMetadata`` stores ``checkpoint["tl_lightning"]``: the resolved config, the strategy, the class
+  names and the backbone's preprocessing, as plain data (loadable with ``weights_only=True``), so
+  ``predict.py``/``export.py`` can rebuild the model and a resume can check it runs the same recipe.
+* ``load_checkpoint`` reads a checkpoint with ``weights_only=True`` and names the file when it is
+  truncated or not a checkpoint at all.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from typing_extensions import override
+
+METADATA_KEY = "tl_lightning"
+TMP_SUFFIX = ".tmp-partial"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``<dir>/.<name>.<pid>.tmp-partial``, fsync, then ``os.replace`` onto the destination.
+
+    A kill or a full disk mid-write leaves the destination as it was (the previous complete
+    checkpoint, or nothing) and at worst a partial file in the same directory, which
+    ``remove_partial_checkpoints`` deletes at the start of the next run.
+
+    Example::
+
+        trainer = pl.Trainer(plugins=[AtomicCheckpointIO()])
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"AtomicCheckpointIO.save_checkpoint takes no storage_options, got {storage_options!r}"
+            )
+        destination = Path(path)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(f".{destination.name}.{os.getpid()}{TMP_SUFFIX}")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, destination)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_directory(destination.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_checkpoints(directory: str | Path) -> list[Path]:
+    """Delete the partial files a killed ``AtomicCheckpointIO`` write left in ``directory``.
+
+    Only call this while holding the run directory's lock: another live run's partial file would
+    otherwise be deleted under it.
+
+    Returns:
+        The deleted paths.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    partials = sorted(directory.glob(f".*{TMP_SUFFIX}"))
+    for path in partials:
+        path.unlink(missing_ok=True)
+    return partials
+
+
+class RunMetadata(pl.Callback):
+    """Write ``metadata`` (plain data) into every checkpoint under ``checkpoint["tl_lightning"]``.
+
+    Args:
+        metadata: A mapping of plain Python values (dicts, lists, str, numbers, bool, None).
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[RunMetadata({"strategy": "linear_probe", "class_names": ["a", "b"]})])
+    """
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        self.metadata = metadata
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[METADATA_KEY] = self.metadata
+
+
+def run_metadata(config: dict, strategy: str, class_names: list[str], data_config: dict) -> dict[str, Any]:
+    """The ``checkpoint["tl_lightning"]`` layout (the contract ``predict.py`` and ``export.py`` read).
+
+    Args:
+        config: The resolved run config (``OmegaConf.to_container(cfg, resolve=True)``).
+        strategy: ``cfg.strategy_name``.
+        class_names: Target class names, index order.
+        data_config: The backbone's preprocessing as a plain dict (tuples become lists).
+    """
+    return {
+        "config": config,
+        "strategy": strategy,
+        "class_names": [str(c) for c in class_names],
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is truncated, corrupt, or holds more than plain tensors and data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain data; refusing to "
+            f"load it (weights_only=True): {str(error).splitlines()[0]}"
+        ) from error
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is truncated or corrupt ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); use an earlier checkpoint"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a Lightning checkpoint (a {type(checkpoint).__name__})"
+        )
+    return checkpoint
