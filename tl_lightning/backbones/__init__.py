@@ -1,0 +1,27 @@
+"""Pretrained feature extractors that carry their own metadata.
+
+Every factory returns a :class:`Backbone`: an ``nn.Module`` mapping images to pooled features,
+which also knows its preprocessing (``data_config``: mean, std, input size, interpolation, crop),
+its layer groups ordered input -> output, and, when the weights bring one, the pretrained
+classifier (the *source head*). The data pipeline reads ``data_config`` from here, so
+normalisation can never mismatch the weights. One module per family: ``timm_models``
+(EfficientNet-Lite0 and any timm name), ``torchvision_models``, ``small_cnn``, ``checkpoint``.
+"""
+
+from tl_lightning.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
+from tl_lightning.backbones.checkpoint import from_checkpoint
+from tl_lightning.backbones.small_cnn import small_cnn
+from tl_lightning.backbones.timm_models import efficientnet_lite0, timm_backbone
+from tl_lightning.backbones.torchvision_models import torchvision_backbone
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "DataConfig",
+    "efficientnet_lite0",
+    "from_checkpoint",
+    "small_cnn",
+    "timm_backbone",
+    "torchvision_backbone",
+]

