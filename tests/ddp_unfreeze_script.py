@@ -20,7 +20,7 @@ from tl_lightning.callbacks import GradualUnfreeze
 class UnsyncedGradualUnfreeze(GradualUnfreeze):
     """GradualUnfreeze without the all-reduce of late-unfrozen gradients."""
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         pass
 
 

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -15,30 +14,12 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from tl_lightning.callbacks._ddp import all_reduce_grads_mean, ddp_syncs_this_backward
 from tl_lightning.callbacks._param_groups import groups_of_layers, partition_optimizers
 from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, layer_parameters
 from tl_lightning.callbacks.freeze import keep_eval, modules_by_name, norm_layers, norm_parameter_names
 
 UNITS = ("epoch", "step")
-
-
-def all_reduce_grads_mean(params: Sequence[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the default process group, as DDP would.
-
-    One flat buffer per dtype; each gradient is divided by the world size before the sum, like DDP's
-    reducer. A missing gradient counts as zeros (and is then set), so every rank sends the same buffer.
-    """
-    world = dist.get_world_size()
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
-        dist.all_reduce(flat)
-        for grad, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            grad.copy_(chunk.view_as(grad))
 
 
 class GradualUnfreeze(Callback):
@@ -56,8 +37,10 @@ class GradualUnfreeze(Callback):
       selected parameters the module did not pass to its optimizer are added then, frozen, and every
       scheduler's per-group lists follow. No group is ever added mid-run.
     * parameters unfrozen after DDP wrapped the model are not reduced by DDP; their gradients are
-      averaged across ranks in ``on_before_optimizer_step`` (after accumulation and AMP unscaling,
-      before clipping), so ranks stay identical.
+      averaged across ranks in ``on_after_backward`` of every backward DDP reduces (the last of an
+      accumulation window), before a ``GradScaler`` unscales and looks for infs, so ranks stay
+      identical and make the same skip/step decision; a gradient missing on every rank stays ``None``
+      (see ``tl_lightning.callbacks._ddp``).
     * the stage is checkpointed as plain data; on resume it is re-applied at ``on_fit_start``, after
       ``configure_optimizers`` saw the same all-frozen model as the original run did, so the
       optimizer layout, and with it the saved optimizer state, matches exactly.
@@ -122,7 +105,7 @@ class GradualUnfreeze(Callback):
         self._stage = 0
         self._unfrozen_at: list[int] = []
         self._ddp_managed: set[int] = set()
-        self._sync: dict[int, list[nn.Parameter]] = {}
+        self._sync: list[nn.Parameter] = []
         self._distributed = False
         self._eval_modules: list[nn.Module] = []
         self._trainer: pl.Trainer | None = None
@@ -202,12 +185,9 @@ class GradualUnfreeze(Callback):
         keep_eval(self._eval_modules)
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        params = self._sync.get(id(optimizer))
-        if self._distributed and params:
-            all_reduce_grads_mean(params)
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._distributed and self._sync and ddp_syncs_this_backward(trainer):
+            all_reduce_grads_mean(self._sync)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -261,10 +241,8 @@ class GradualUnfreeze(Callback):
         late = [
             p for layer in unfrozen for p in self._layers[layer].values() if id(p) not in self._ddp_managed
         ]
-        self._sync = {}
-        for optimizer in trainer.optimizers:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            self._sync[id(optimizer)] = [p for p in late if id(p) in held]
+        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        self._sync = [p for p in late if id(p) in held]
 
     def _warm_up(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         assert self._trainer is not None
