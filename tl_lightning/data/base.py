@@ -22,17 +22,18 @@ def as_data_config(data_config: DataConfig | dict) -> DataConfig:
     return DataConfig(**fields)
 
 
-def check_split(labels: Sequence[int], num_classes: int, split: str) -> None:
+def check_split(labels: Sequence[int], class_names: Sequence[str], split: str) -> None:
     """Stop before training on an empty split or one missing a class.
 
     Raises:
-        ValueError: Naming the split and the missing class indices.
+        ValueError: Naming the split and the missing classes by name.
     """
     if len(labels) == 0:
         raise ValueError(f"the {split} split is empty")
-    missing = sorted(set(range(num_classes)) - set(int(y) for y in labels))
+    missing = sorted(set(range(len(class_names))) - set(int(y) for y in labels))
     if missing:
-        raise ValueError(f"the {split} split has no example of classes {missing}")
+        names = [class_names[i] for i in missing]
+        raise ValueError(f"the {split} split has no example of class {', '.join(map(repr, names))}")
 
 
 def take_per_class(labels: np.ndarray, per_class: int | str | None, seed: int) -> np.ndarray:
@@ -58,7 +59,12 @@ def take_per_class(labels: np.ndarray, per_class: int | str | None, seed: int) -
     return np.sort(np.concatenate(chosen))
 
 
-class EpochShuffleSampler(Sampler[int]):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed determined by ``(seed, epoch, index)`` alone (``numpy.random.SeedSequence``)."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class EpochShuffleSampler(Sampler):
     """A new permutation every epoch, drawn from ``seed`` and the epoch number alone.
 
     Lightning calls ``set_epoch`` before every training epoch, so a run resumed from a checkpoint
@@ -68,20 +74,55 @@ class EpochShuffleSampler(Sampler[int]):
     Args:
         length: Number of samples.
         seed: Base seed; epoch ``e`` uses ``seed + e``.
+        keyed: Yield ``(epoch, index)`` keys instead of indices, for :class:`EpochSeededDataset`
+            (the sampler runs in the main process, so the key carries the epoch into every worker).
     """
 
-    def __init__(self, length: int, seed: int) -> None:
-        self.length, self.seed, self.epoch = length, seed, 0
+    def __init__(self, length: int, seed: int, keyed: bool = False) -> None:
+        self.length, self.seed, self.epoch, self.keyed = length, seed, 0, keyed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        order = torch.randperm(self.length, generator=generator).tolist()
+        return iter([(self.epoch, i) for i in order] if self.keyed else order)
 
     def __len__(self) -> int:
         return self.length
+
+
+class EpochSeededDataset(Dataset):
+    """Random augmentation that depends on ``(seed, epoch, index)`` only: resume-exact, worker-independent.
+
+    ``dataset[index]`` runs with torch's global CPU generator seeded by :func:`sample_seed` (and
+    restored afterwards, so the augmentation neither consumes nor depends on the training RNG).
+    A resumed run therefore augments every sample exactly as the uninterrupted run did, whatever
+    the number of workers or what was drawn before. Transforms must draw from torch's RNG
+    (torchvision's ``v2`` transforms do).
+
+    Args:
+        dataset: Map-style dataset whose ``__getitem__`` draws random augmentation.
+        seed: Base seed of the draws.
+
+    Example::
+
+        sampler = EpochShuffleSampler(len(train_set), seed=0, keyed=True)
+        loader = DataLoader(EpochSeededDataset(train_set, seed=0), sampler=sampler)
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -93,7 +134,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         num_workers: ``DataLoader`` worker processes.
         augment: Random training augmentation; when ``False`` training transforms are
             deterministic (which feature caching relies on).
-        shuffle_seed: Seed of the per-epoch training order (:class:`EpochShuffleSampler`).
+        shuffle_seed: Seed of the per-epoch training order (:class:`EpochShuffleSampler`) and of the
+            augmentation draws (:class:`EpochSeededDataset`).
 
     Raises:
         ValueError: If ``batch_size`` < 1 or ``num_workers`` < 0.
@@ -136,12 +178,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         return not self.augment
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        """Training (``shuffle``) loaders order by :class:`EpochShuffleSampler` and, with ``augment``,
+        draw augmentation per (seed, epoch, sample) through :class:`EpochSeededDataset`."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        keyed = shuffle and self.augment
         return DataLoader(
-            dataset,
+            EpochSeededDataset(dataset, self.shuffle_seed) if keyed else dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed, keyed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

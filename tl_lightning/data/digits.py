@@ -116,7 +116,7 @@ class DigitsDataModule(ClassificationDataModule):
         train_idx = train_idx[take_per_class(labels[train_idx], self.train_per_class, self.subset_seed)]
         self.class_names = [str(d) for d in self.classes]
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-            check_split(labels[idx], len(self.classes), split)
+            check_split(labels[idx], self.class_names, split)
         targets = torch.as_tensor(labels)
         self.train_set = self._dataset(images[train_idx], targets[train_idx], self.augment)
         self.val_set = self._dataset(images[val_idx], targets[val_idx], augment=False)

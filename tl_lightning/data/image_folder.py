@@ -6,34 +6,27 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
-from torchvision.datasets import ImageFolder
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.data.base import ClassificationDataModule, check_split, subset, take_per_class
+from tl_lightning.data.base import ClassificationDataModule, check_split, take_per_class
+from tl_lightning.data.images import ImageFiles, check_disjoint, class_folders, find_images, inspect_images
 from tl_lightning.data.transforms import image_transform
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def _readable(path: str) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except (OSError, UnidentifiedImageError, SyntaxError):
-        return False
-
-
 class ImageFolderDataModule(ClassificationDataModule):
     """Images in ``root/<class>/*.jpg``, or in ``root/{train,val,test}/<class>/*``.
 
     With split sub-folders they are used as given; otherwise one folder is split (stratified,
-    fixed ``split_seed``) into train/val/test. Every file is checked in ``setup()`` so a corrupt
-    image stops the run before training, naming the file, unless ``skip_corrupt`` is set, in which
-    case it is dropped and the count is logged.
+    fixed ``split_seed``) into train/val/test. In ``setup()`` every file is decoded completely, so a
+    corrupt, truncated or decompression-bomb image stops the run before training, naming the file,
+    unless ``skip_corrupt`` is set, in which case it is dropped and the count is logged. 16-bit
+    and float images are scaled to 8 bits, not clipped. Folder links are never followed and a real
+    file is used once; the same file in two splits is an error, byte-identical copies across splits
+    a warning with their count.
 
     Args:
         root: Directory of class sub-folders (or of ``train``/``val``/``test`` folders of them).
@@ -44,14 +37,15 @@ class ImageFolderDataModule(ClassificationDataModule):
         val_fraction: Share held out for validation when ``root`` has no split folders.
         test_fraction: Share held out for testing when ``root`` has no split folders.
         split_seed: Seed of the split and of the ``train_per_class`` draw.
-        augment: Random resized crop and flip on training images.
+        augment: Random resized crop and flip on training images, drawn per (seed, epoch, sample).
         skip_corrupt: Drop unreadable images instead of stopping.
-        shuffle_seed: Seed of the per-epoch training order (resume-exact shuffling).
+        shuffle_seed: Seed of the per-epoch training order and of the augmentation draws.
         num_workers: ``DataLoader`` workers.
 
     Raises:
         FileNotFoundError: If ``root`` does not exist, naming ``data.root``.
-        ValueError: On an empty split, a class missing from a split, or a corrupt image.
+        ValueError: On fewer than two classes, an empty split, a class missing from a split (named),
+            a file in two classes or splits, or a corrupt image.
 
     Example::
 
@@ -83,60 +77,102 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.skip_corrupt = skip_corrupt
-
-    def _folder(self, path: Path, train: bool) -> ImageFolder:
-        transform = image_transform(self.data_config, train, self.augment, self.image_size)
-        try:
-            folder = ImageFolder(str(path), transform=transform)
-        except FileNotFoundError as error:
-            raise ValueError(f"{path}: {error}") from error
-        bad = [p for p, _ in folder.samples if not _readable(p)]
-        if bad and not self.skip_corrupt:
-            raise ValueError(
-                f"corrupt or unreadable image {bad[0]!r} ({len(bad)} in {path}); "
-                "fix or remove it, or set data.skip_corrupt=true"
-            )
-        if bad:
-            log.warning("skipped %d corrupt images in %s (first: %s)", len(bad), path, bad[0])
-            keep = [s for s in folder.samples if s[0] not in set(bad)]
-            folder.samples = folder.imgs = keep
-            folder.targets = [t for _, t in keep]
-        return folder
+        self._digests: dict[str, str] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         if all((self.root / split).is_dir() for split in SPLITS):
-            train, val, test = (self._folder(self.root / s, train=s == "train") for s in SPLITS)
-            if not (train.classes == val.classes == test.classes):
-                raise ValueError(f"class folders differ between splits under {self.root}")
-            train_idx, val_idx, test_idx = (np.arange(len(f)) for f in (train, val, test))
+            self.class_names = self._classes_of_splits()
+            samples = {s: self._samples(self.root / s) for s in SPLITS}
         else:
-            train, val = self._folder(self.root, train=True), self._folder(self.root, train=False)
-            test = val
-            train_idx, val_idx, test_idx = self._split(np.array(train.targets))
-        targets = np.array(train.targets)
-        train_idx = train_idx[take_per_class(targets[train_idx], self.train_per_class, self.split_seed)]
-        self.class_names = list(train.classes)
-        for name, folder, idx in (
-            ("train", train, train_idx),
-            ("val", val, val_idx),
-            ("test", test, test_idx),
-        ):
-            check_split(np.array(folder.targets)[idx] if len(idx) else [], len(self.class_names), name)
-        self.train_set = subset(train, train_idx)
-        self.val_set = subset(val, val_idx)
-        self.test_set = subset(test, test_idx)
+            self.class_names = self._checked_classes(self.root)
+            samples = self._split(self._samples(self.root))
+        check_disjoint(samples, self._digests)
+        samples["train"] = self._take_per_class(samples["train"])
+        for split in SPLITS:
+            check_split([label for _, label in samples[split]], self.class_names, split)
+        self.train_set, self.val_set, self.test_set = (
+            ImageFiles(samples[s], self.class_names, self._transform(train=s == "train")) for s in SPLITS
+        )
 
-    def _split(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if len(labels) == 0:
+    def _transform(self, train: bool):
+        return image_transform(self.data_config, train, self.augment, self.image_size)
+
+    def _checked_classes(self, folder: Path) -> list[str]:
+        classes = class_folders(folder)
+        if len(classes) < 2:
+            found = f"only {classes[0]!r}" if classes else "none"
+            raise ValueError(
+                f"data.root={str(self.root)!r}: classification needs at least 2 class folders in {folder}, "
+                f"found {found}"
+            )
+        return classes
+
+    def _classes_of_splits(self) -> list[str]:
+        per_split = {s: class_folders(self.root / s) for s in SPLITS}
+        classes = sorted(set().union(*per_split.values()))
+        for split, names in per_split.items():
+            missing = sorted(set(classes) - set(names))
+            if missing:
+                raise ValueError(
+                    f"class folders {missing} are missing from the {split} split ({self.root / split}); "
+                    "every split needs the same class folders"
+                )
+        return self._checked_classes(self.root / "train")
+
+    def _samples(self, folder: Path) -> list[tuple[str, int]]:
+        """Every image of ``folder``, decoded once to check it (dropping bad ones if allowed)."""
+        samples = find_images(folder, self.class_names)
+        results = inspect_images([path for path, _ in samples])
+        bad = [(path, problem) for (path, _), (problem, _) in zip(samples, results, strict=True) if problem]
+        if bad and not self.skip_corrupt:
+            raise ValueError(
+                f"corrupt or unreadable image {bad[0][0]!r}: {bad[0][1]} ({len(bad)} bad in {folder}); "
+                "fix or remove it, or set data.skip_corrupt=true"
+            )
+        if bad:
+            log.warning("skipped %d corrupt images in %s (first: %s: %s)", len(bad), folder, *bad[0])
+        self._digests.update((path, digest) for (path, _), (_, digest) in zip(samples, results, strict=True))
+        dropped = {path for path, _ in bad}
+        return [sample for sample in samples if sample[0] not in dropped]
+
+    def _split(self, samples: list[tuple[str, int]]) -> dict[str, list[tuple[str, int]]]:
+        if not samples:
             raise ValueError(f"no images under data.root={str(self.root)!r}")
+        labels = np.array([label for _, label in samples])
         indices = np.arange(len(labels))
         holdout = self.val_fraction + self.test_fraction
-        train_idx, rest = train_test_split(
-            indices, test_size=holdout, stratify=labels, random_state=self.split_seed
-        )
-        val_idx, test_idx = train_test_split(
-            rest, test_size=self.test_fraction / holdout, stratify=labels[rest], random_state=self.split_seed
-        )
-        return train_idx, val_idx, test_idx
+        try:
+            train_idx, rest = train_test_split(
+                indices, test_size=holdout, stratify=labels, random_state=self.split_seed
+            )
+            val_idx, test_idx = train_test_split(
+                rest,
+                test_size=self.test_fraction / holdout,
+                stratify=labels[rest],
+                random_state=self.split_seed,
+            )
+        except ValueError as error:
+            counts = dict(
+                zip(
+                    self.class_names,
+                    np.bincount(labels, minlength=len(self.class_names)).tolist(),
+                    strict=True,
+                )
+            )
+            raise ValueError(
+                f"data.root={str(self.root)!r} is too small to split into train/val/test with "
+                f"data.val_fraction={self.val_fraction}, data.test_fraction={self.test_fraction} "
+                f"(images per class: {counts}): {error}"
+            ) from error
+        return {
+            s: [samples[i] for i in idx]
+            for s, idx in zip(SPLITS, (train_idx, val_idx, test_idx), strict=True)
+        }
+
+    def _take_per_class(self, samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        labels = np.array([label for _, label in samples])
+        if len(labels) == 0:
+            return samples
+        return [samples[i] for i in take_per_class(labels, self.train_per_class, self.split_seed)]

@@ -13,11 +13,19 @@ def image_transform(
 ) -> v2.Compose:
     """PIL image -> normalised float tensor at the backbone's resolution.
 
+    Evaluation resizes the shorter side to ``data_config.resize_size(size)`` (the weights' own
+    ``crop_pct``/``resize_size``, e.g. 256 for a 224 crop at ``crop_pct=0.875``) and centre-crops
+    ``size``, as the weights were evaluated.
+
     Args:
         data_config: The backbone's preprocessing.
         train: Whether this is the training split (augmentation only applies there).
         augment: Random resized crop and horizontal flip on the training split.
         image_size: Output side length; ``None`` uses the backbone's input size.
+
+    Example::
+
+        transform = image_transform(backbone.data_config, train=False, augment=False)
     """
     size = image_size or data_config.input_size[-1]
     interpolation = InterpolationMode(data_config.interpolation)
@@ -27,7 +35,8 @@ def image_transform(
             v2.RandomHorizontalFlip(),
         ]
     else:
-        geometry = [v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+        resize = data_config.resize_size(size)
+        geometry = [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
     return v2.Compose(
         [
             v2.ToImage(),
