@@ -13,8 +13,10 @@ from typing_extensions import override
 from tl_lightning.callbacks._select import (
     ModuleSelector,
     as_selector_list,
+    module_paths,
     select_modules,
     selected_parameters,
+    walk_modules,
 )
 
 
@@ -22,46 +24,57 @@ def norm_layers(root: nn.Module, modules: ModuleSelector) -> dict[str, nn.Module
     """Normalisation layers with running statistics (BatchNorm, SyncBatchNorm, InstanceNorm) in the selection.
 
     Returns:
-        ``{name in root: module}`` in ``named_modules()`` order.
+        ``{path in root: module}`` in model order (compiled modules seen through).
     """
+    inside = selected_submodules(root, modules)
+    return {path: sub for path, sub in inside.items() if isinstance(sub, _NormBase)}
+
+
+def selected_submodules(root: nn.Module, modules: ModuleSelector) -> dict[str, nn.Module]:
+    """Every module inside the selection, the selected ones included: ``{path in root: module}``."""
     found: dict[str, nn.Module] = {}
     for prefix, module in select_modules(root, modules).items():
-        for name, sub in module.named_modules(prefix=prefix):
-            if isinstance(sub, _NormBase):
-                found[name] = sub
+        for path, sub in walk_modules(module, prefix):
+            found.setdefault(path, sub)
     return found
 
 
-def norm_parameter_names(norms: dict[str, nn.Module]) -> set[str]:
-    """Names in root of the affine parameters of ``norms`` (as returned by :func:`norm_layers`)."""
-    return {f"{name}.{p_name}" for name, module in norms.items() for p_name, _ in module.named_parameters()}
+def norm_parameter_ids(norms: dict[str, nn.Module]) -> set[int]:
+    """Identities of the affine parameters of ``norms`` (as returned by :func:`norm_layers`)."""
+    return {id(p) for module in norms.values() for p in module.parameters()}
 
 
 def modules_by_name(root: nn.Module, names: Iterable[str]) -> list[nn.Module]:
-    """Look modules up again by name, e.g. after a strategy swapped BatchNorm for SyncBatchNorm."""
-    named = dict(root.named_modules())
-    return [named[name] for name in names]
+    """Look modules up again by path, e.g. after a strategy swapped BatchNorm for SyncBatchNorm."""
+    paths = module_paths(root)
+    return [paths[name] for name in names]
 
 
 def keep_eval(modules: Iterable[nn.Module]) -> None:
-    """Put back in eval mode any of ``modules`` that something switched to train mode."""
+    """Put back in eval mode any of ``modules`` that something switched to train mode.
+
+    Only each module's own flag is set (``module.training = False``), not its children's: the list
+    names every module to keep in eval, so a norm layer left out of it (``train_bn``) keeps training.
+    """
     for module in modules:
         if module.training:
-            module.eval()
+            module.training = False
 
 
 class Freeze(Callback):
     r"""Freeze the selected modules for the whole run (feature extraction / linear probing).
 
     Freezing happens in ``setup()``, before ``configure_optimizers`` and before a strategy wraps the
-    model, so a module that hands only trainable parameters to its optimizer sees it. Frozen
-    normalisation layers are kept in eval mode at every training batch, so their running statistics
-    never change even when something calls ``model.train()``.
+    model, so a module that hands only trainable parameters to its optimizer sees it. The frozen
+    modules are **entirely** in eval mode at every training batch, even when something calls
+    ``model.train()``: normalisation layers keep their running statistics, and dropout and drop-path
+    are off, so a frozen module computes a fixed function of its input (what makes caching its
+    features safe).
 
     Args:
         modules: Attribute path, regex or list of them selecting what to freeze.
-        train_bn: Keep the affine parameters of normalisation layers trainable and those layers in
-            train mode from the first step (fastai semantics).
+        train_bn: Keep the affine parameters of normalisation layers trainable and those layers (only
+            those) in train mode from the first step (fastai semantics).
 
     Raises:
         ValueError: If ``modules`` is empty or ``train_bn`` is not a bool.
@@ -86,11 +99,12 @@ class Freeze(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        inside = selected_submodules(pl_module, self.modules)
         norms = norm_layers(pl_module, self.modules)
-        keep = norm_parameter_names(norms) if self.train_bn else set()
-        for name, param in selected_parameters(pl_module, self.modules).items():
-            param.requires_grad_(name in keep)
-        self._eval_names = [] if self.train_bn else list(norms)
+        keep = norm_parameter_ids(norms) if self.train_bn else set()
+        for param in selected_parameters(pl_module, self.modules).values():
+            param.requires_grad_(id(param) in keep)
+        self._eval_names = [path for path in inside if not (self.train_bn and path in norms)]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

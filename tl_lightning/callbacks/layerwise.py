@@ -12,7 +12,13 @@ from torch import nn
 from typing_extensions import override
 
 from tl_lightning.callbacks._param_groups import optimizer_schedulers, partition_optimizers, scale_lrs
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, layer_parameters
+from tl_lightning.callbacks._select import (
+    ModuleSelector,
+    as_layer_groups_arg,
+    as_selector_list,
+    layer_groups,
+    layer_parameters,
+)
 
 
 class LayerwiseLR(Callback):
@@ -73,7 +79,7 @@ class LayerwiseLR(Callback):
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"`lrs` key {pattern!r} is not a valid regex: {err}") from err
-        self.layer_groups = None if layer_groups is None else {k: list(v) for k, v in layer_groups.items()}
+        self.layer_groups = as_layer_groups_arg(layer_groups)
         self._layers: dict[str, dict[str, nn.Parameter]] = {}
         self.factors: dict[str, float] = {}
         self._logged_step = -1

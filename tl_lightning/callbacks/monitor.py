@@ -10,7 +10,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups
+from tl_lightning.callbacks._select import (
+    ModuleSelector,
+    as_layer_groups_arg,
+    as_selector_list,
+    layer_groups,
+    parameters_by_name,
+)
 
 
 class TrainableParamsMonitor(Callback):
@@ -65,7 +71,7 @@ class LayerDriftMonitor(Callback):
     ) -> None:
         super().__init__()
         self.modules = as_selector_list(modules)
-        self.layer_groups = None if layer_groups is None else {k: list(v) for k, v in layer_groups.items()}
+        self.layer_groups = as_layer_groups_arg(layer_groups)
         self._groups: dict[str, list[str]] = {}
         self._initial: dict[str, torch.Tensor] = {}
 
@@ -92,12 +98,9 @@ class LayerDriftMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._initial:
-            params = dict(pl_module.named_parameters())
-            self._initial = {
-                name: params[name].detach().to("cpu", copy=True)
-                for names in self._groups.values()
-                for name in names
-            }
+            names = [name for names in self._groups.values() for name in names]
+            params = parameters_by_name(pl_module, names)
+            self._initial = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

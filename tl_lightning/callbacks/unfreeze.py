@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -16,8 +18,15 @@ from typing_extensions import override
 
 from tl_lightning.callbacks._ddp import all_reduce_grads_mean, ddp_syncs_this_backward
 from tl_lightning.callbacks._param_groups import groups_of_layers, partition_optimizers
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, layer_groups, layer_parameters
-from tl_lightning.callbacks.freeze import keep_eval, modules_by_name, norm_layers, norm_parameter_names
+from tl_lightning.callbacks._select import (
+    ModuleSelector,
+    as_layer_groups_arg,
+    as_selector_list,
+    layer_groups,
+    layer_parameters,
+    modules_of_groups,
+)
+from tl_lightning.callbacks.freeze import keep_eval, modules_by_name, norm_layers, norm_parameter_ids
 
 UNITS = ("epoch", "step")
 
@@ -97,11 +106,12 @@ class GradualUnfreeze(Callback):
         if not _is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
-        self.layer_groups = None if layer_groups is None else {k: list(v) for k, v in layer_groups.items()}
+        self.layer_groups = as_layer_groups_arg(layer_groups)
 
         self._layers: dict[str, dict[str, nn.Parameter]] = {}
         self._blocks: list[list[str]] = []
-        self._norms: dict[str, list[str]] = {}
+        self._module_groups: dict[str, set[str]] = {}
+        self._norm_paths: set[str] = set()
         self._stage = 0
         self._unfrozen_at: list[int] = []
         self._ddp_managed: set[int] = set()
@@ -129,12 +139,13 @@ class GradualUnfreeze(Callback):
         names = layer_groups(pl_module, self.modules, self.layer_groups)
         self._blocks = self._plan(list(names))
         self._layers = layer_parameters(pl_module, names)
+        self._module_groups = modules_of_groups(pl_module, self.modules, names)
         norms = norm_layers(pl_module, self.modules)
-        self._norms = _norms_by_layer(list(norms), self._layers)
-        trainable = norm_parameter_names(norms) if self.train_bn else set()
+        self._norm_paths = set(norms)
+        trainable = norm_parameter_ids(norms) if self.train_bn else set()
         for group in self._layers.values():
-            for name, param in group.items():
-                param.requires_grad_(name in trainable)
+            for param in group.values():
+                param.requires_grad_(id(param) in trainable)
         self._stage = 0
         self._unfrozen_at = []
 
@@ -161,7 +172,15 @@ class GradualUnfreeze(Callback):
             id(p) for group in self._layers.values() for p in group.values() if p.requires_grad
         }
         self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        # 3. the stage restored from a checkpoint, if any
+        # 3. milestones the run is too short to reach
+        for milestone in self._unreachable(trainer):
+            rank_zero_warn(
+                f"{type(self).__name__}({self.modules}) milestone {milestone} ({self.unit}) is never "
+                f"reached: the run ends after max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps} "
+                f"({trainer.estimated_stepping_batches} optimizer steps), so layer groups "
+                f"{self._blocks[self.milestones.index(milestone)]} are never unfrozen"
+            )
+        # 4. the stage restored from a checkpoint, if any
         self._apply(trainer, pl_module)
         self._trainer = trainer
         if self.warmup_steps:
@@ -218,6 +237,15 @@ class GradualUnfreeze(Callback):
         ends = [sum(counts[: i + 1]) for i in range(len(counts))]
         return [output_first[end - count : end] for count, end in zip(counts, ends, strict=True)]
 
+    def _unreachable(self, trainer: pl.Trainer) -> list[int]:
+        """The milestones the run ends before (by ``max_epochs`` or ``max_steps``)."""
+        total_steps = trainer.estimated_stepping_batches  # min(max_steps, max_epochs * steps per epoch)
+        if self.unit == "step":
+            return [m for m in self.milestones if m >= total_steps]
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        return [m for m in self.milestones if m >= max_epochs or m * per_epoch >= total_steps]
+
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position: int) -> None:
         target = bisect_right(self.milestones, position)
         if target <= self._stage:
@@ -233,11 +261,16 @@ class GradualUnfreeze(Callback):
         for layer in unfrozen:
             for param in self._layers[layer].values():
                 param.requires_grad_(True)
-            for module in modules_by_name(pl_module, self._norms[layer]):
-                module.train(pl_module.training)
-        frozen = [layer for block in self._blocks[self._stage :] for layer in block]
-        frozen_norms = [name for layer in frozen for name in self._norms[layer]]
-        self._eval_modules = [] if self.train_bn else modules_by_name(pl_module, frozen_norms)
+        # a module is frozen while all its layer groups are: wholly in eval mode (train_bn: norms excepted)
+        thawed = [path for path, groups in self._module_groups.items() if not groups.isdisjoint(unfrozen)]
+        for module in modules_by_name(pl_module, thawed):
+            module.training = pl_module.training
+        frozen = [
+            path
+            for path, groups in self._module_groups.items()
+            if groups.isdisjoint(unfrozen) and not (self.train_bn and path in self._norm_paths)
+        ]
+        self._eval_modules = modules_by_name(pl_module, frozen)
         late = [
             p for layer in unfrozen for p in self._layers[layer].values() if id(p) not in self._ddp_managed
         ]
@@ -298,27 +331,3 @@ def _check_groups_per_milestone(value: int | Sequence[int], n_milestones: int) -
         f"`groups_per_milestone` must be an integer >= 1 or a list of {n_milestones} integers >= 1 "
         f"(one per milestone), got {value!r}"
     )
-
-
-def _norms_by_layer(
-    norms: list[str], layers: Mapping[str, Mapping[str, nn.Parameter]]
-) -> dict[str, list[str]]:
-    """Assign each normalisation layer to its weight's layer group, else to the nearest parameter's."""
-    layer_of = {name: layer for layer, params in layers.items() for name in params}
-    found: dict[str, list[str]] = {layer: [] for layer in layers}
-    for norm in norms:
-        owner = f"{norm}.weight"
-        if owner not in layer_of:
-            parts = norm.split(".")
-            owner = max(layer_of, key=lambda name: _shared_prefix(parts, name.split(".")))
-        found[layer_of[owner]].append(norm)
-    return found
-
-
-def _shared_prefix(a: list[str], b: list[str]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
