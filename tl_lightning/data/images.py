@@ -106,20 +106,20 @@ def find_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     Raises:
         ValueError: If one real file is in two class folders, naming both.
     """
-    owner: dict[str, str] = {}
+    owner: dict[str, tuple[str, str]] = {}
     samples, repeats, skipped_links = [], 0, []
     for label, name in enumerate(classes):
         for path in _walk_files(root / name, skipped_links):
             real = os.path.realpath(path)
-            if real in owner and owner[real] != name:
+            first_class, first_path = owner.setdefault(real, (name, path))
+            if first_class != name:
                 raise ValueError(
-                    f"{path} is the same file as one in class folder {owner[real]!r} under {root}; "
-                    "a file can have only one label"
+                    f"{first_path} (class {first_class!r}) and {path} (class {name!r}) are the same file "
+                    f"under {root}; a file can have only one label"
                 )
-            if real in owner:
+            if first_path != path:
                 repeats += 1
                 continue
-            owner[real] = name
             samples.append((path, label))
     if skipped_links:
         log.warning(
