@@ -24,8 +24,8 @@ class TransferModule(pl.LightningModule):
     The source head is never trained (its parameters are frozen): it measures what the backbone
     still knows of the source task.
 
-    The target head is trained with cross-entropy; accuracy and macro F1 are logged for
-    train/val/test. Every parameter, frozen or not, sits in a named optimizer group from the start
+    The target head is trained with cross-entropy; accuracy and macro F1 are logged per epoch
+    for train/val/test. Every parameter, frozen or not, sits in a named optimizer group from the start
     (one per layer group, plus a ``/no_decay`` twin for norms and biases), so callbacks that unfreeze
     or rescale learning rates never have to add a group.
 
@@ -115,6 +115,15 @@ class TransferModule(pl.LightningModule):
             groups[f"heads.{head_name}"] = [f"heads.{head_name}.{n}" for n, _ in head.named_parameters()]
         return groups
 
+    @staticmethod
+    def monitor_modes() -> dict[str, str]:
+        """Every metric ``fit`` logs, with the direction that is better (``ModelCheckpoint``'s ``mode``)."""
+        return {
+            f"{stage}/{name}": "min" if name == "loss" else "max"
+            for stage in ("train", "val")
+            for name in ("loss", "acc", "f1")
+        }
+
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection, stage: str
     ):
@@ -123,7 +132,8 @@ class TransferModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits.detach(), y)
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train")
-        self.log_dict(metrics, prog_bar=stage == "val")
+        # update() only, so the values are computed over the whole epoch (on_step would need forward())
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

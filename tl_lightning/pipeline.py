@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import copy
+import errno
 import json
 import logging
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors import safe_open
 
 from tl_lightning.checkpointing import (
     METADATA_KEY,
     AtomicCheckpointIO,
     RunMetadata,
     load_checkpoint,
+    remove_partial_checkpoints,
     run_metadata,
 )
 from tl_lightning.feature_cache import MODES, CachedFeatureDataModule, cache_applies
+from tl_lightning.run_guards import FiniteLossGuard
+from tl_lightning.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +39,10 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> float | None:
     """Fit, test the best checkpoint, write ``metrics.json`` and return the monitored metric.
 
-    Steps: 1. check the config; 2. seed; 3. build backbone -> data -> head -> module -> callbacks,
-    loggers, trainer; 4. fit (optionally resuming from ``ckpt_path``); 5. test the best checkpoint;
-    6. write ``metrics.json`` in ``paths.output_dir`` (global rank 0 only).
+    Steps: 1. check the config; 2. lock ``paths.output_dir`` (one run per directory); 3. seed;
+    4. build backbone -> data -> head -> module -> callbacks, loggers, trainer; 5. fit (optionally
+    resuming from ``ckpt_path``; a non-finite loss stops it); 6. test the best checkpoint; 7. write
+    ``metrics.json`` in ``paths.output_dir`` (global rank 0 only, strict JSON: NaN becomes ``null``).
 
     Args:
         cfg: The composed config (``conf/train.yaml``).
@@ -39,24 +51,39 @@ def train(cfg: DictConfig) -> float | None:
         The best value of ``cfg.monitor`` (for Hydra sweepers), or ``None`` if never logged.
 
     Raises:
-        ValueError: On a bad config value or a checkpoint from another model, before training.
+        ValueError: On a bad config value, a checkpoint from another model or strategy, or a
+            strategy schedule the run is too short for, before training.
+        FileNotFoundError: On a missing ``ckpt_path`` or EWC ``fisher_path``, before training.
+        PermissionError: If ``paths.output_dir`` is not writable, before training.
+        RunDirectoryLocked: If another run uses ``paths.output_dir``, before training.
+        FloatingPointError: When the training loss becomes NaN or infinite.
     """
     started = time.perf_counter()
     _check_config(cfg)
+    with _run_directory_lock(cfg.paths.output_dir):
+        return _fit_and_test(cfg, started)
+
+
+def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
+    """Steps 3-7 of ``train``, inside the run directory's lock."""
     pl.seed_everything(cfg.seed, workers=True)
 
     backbone = instantiate(cfg.backbone)
     datamodule = instantiate(cfg.data, data_config=backbone.data_config)
+    datamodule.prepare_data()  # downloads (torchvision data), before the ranks read it in setup()
     datamodule.setup("fit")  # an empty or corrupt dataset stops here, before any model work
     head = _build_head(cfg.head, backbone.num_features, datamodule.num_classes)
     module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=datamodule.num_classes)
-    callbacks = _instantiate_group(cfg.callbacks, "callbacks")
-    callbacks.append(RunMetadata(_run_metadata(cfg, backbone, datamodule)))
+    cfg = _with_monitor_mode(cfg, module)
     loggers = _instantiate_group(cfg.logger, "logger")
-    cached = _feature_cache_mode(cfg, callbacks, datamodule)
+    callbacks = _pipeline_callbacks(cfg, _instantiate_group(cfg.callbacks, "callbacks"), loggers)
+    callbacks.append(RunMetadata(_run_metadata(cfg, backbone, datamodule)))
+    cached = _feature_cache_mode(cfg, callbacks, datamodule, module)
     if cached != "off":
         cache_dir = Path(cfg.paths.cache_dir) / "features" if cached == "disk" else None
-        datamodule = CachedFeatureDataModule(datamodule, backbone, cache_dir)
+        datamodule = CachedFeatureDataModule(
+            datamodule, backbone, cache_dir, OmegaConf.to_container(cfg.backbone, resolve=True)
+        )
         module.use_cached_features()
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -90,22 +117,230 @@ def train(cfg: DictConfig) -> float | None:
         }
         out = Path(cfg.paths.output_dir) / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2))
+        out.write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False))
         log.info("metrics written to %s: test %s", out, metrics["test"])
     return best
 
 
 def _check_config(cfg: DictConfig) -> None:
     """Reject values that would only fail (or silently misbehave) after training started."""
-    optimizer = cfg.module.optimizer
-    for key in ("lr", "weight_decay"):
-        value = optimizer.get(key)
-        if value is not None and (value < 0 or (key == "lr" and value == 0)):
-            raise ValueError(
-                f"module.optimizer.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {value}"
-            )
+    _check_numbers(cfg)
+    if "weight_decay" in cfg.module.optimizer:
+        raise ValueError(
+            f"module.optimizer.weight_decay={cfg.module.optimizer.weight_decay} would be ignored: every "
+            f"parameter group sets its own decay from module.weight_decay (norms and biases get none); "
+            f"set module.weight_decay instead and remove module.optimizer.weight_decay"
+        )
+    if cfg.monitor_mode not in ("auto", "min", "max"):
+        raise ValueError(f"monitor_mode={cfg.monitor_mode!r} is not one of ['auto', 'min', 'max']")
+    _check_schedule(cfg)
+    _check_fisher_paths(cfg)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+
+
+@dataclass(frozen=True)
+class _Number:
+    """An allowed numeric value: ``kind`` (int or float), bounds, and whether a list of them is allowed."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    many: bool = False
+
+    def accepts(self, value) -> bool:
+        kinds = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        name = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{name} in {left}{self.low}, {self.high}{right}"
+        elif self.low is not None:
+            text = f"{name} {'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = name
+        return f"{text} (or a list of them)" if self.many else text
+
+
+# Numeric keys checked before anything is built (only where the key is set and not null).
+_NUMBERS = {
+    "seed": _Number(int, 0, 2**32 - 1),
+    "trainer.max_epochs": _Number(int, 1),
+    "module.optimizer.lr": _Number(float, 0, low_open=True),
+    "module.weight_decay": _Number(float, 0),
+    "module.label_smoothing": _Number(float, 0, 1, high_open=True),
+    "head.hidden": _Number(int, 1, many=True),
+    "head.dropout": _Number(float, 0, 1, high_open=True),
+    "data.batch_size": _Number(int, 1),
+    "data.image_size": _Number(int, 1),
+    "data.num_workers": _Number(int, 0),
+}
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Every key of ``_NUMBERS`` that is set holds a number of the right kind and range.
+
+    Raises:
+        ValueError: Naming the key, the value given and what is allowed.
+    """
+    for key, allowed in _NUMBERS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        values = list(value) if allowed.many and isinstance(value, ListConfig) else [value]
+        if not values or not all(allowed.accepts(v) for v in values):
+            given = list(value) if isinstance(value, ListConfig) else value
+            hint = (
+                "; trainer.max_epochs=0 would test an untrained model" if key == "trainer.max_epochs" else ""
+            )
+            raise ValueError(f"{key} must be {allowed.describe()}, got {given!r}{hint}")
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    """Stop when a callback's ``milestones`` lie beyond the run's end (a strategy silently cut short).
+
+    Milestones in steps are checked against ``trainer.max_steps`` when it is set.
+
+    Raises:
+        ValueError: Naming the milestones, the trainer limit and the ``allow_short_schedule`` opt-out.
+    """
+    if cfg.allow_short_schedule:
+        return
+    for name, node in (cfg.callbacks or {}).items():
+        milestones = node.get("milestones") if isinstance(node, DictConfig) else None
+        if not isinstance(milestones, ListConfig):
+            continue
+        unit = node.get("unit", "epoch")
+        key = "trainer.max_epochs" if unit == "epoch" else "trainer.max_steps"
+        limit = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(limit, int) or limit < 0:
+            continue
+        late = [m for m in milestones if isinstance(m, int) and m >= limit]
+        if late:
+            raise ValueError(
+                f"callbacks.{name}.milestones={list(milestones)} ({unit}s) include {late}, but {key}={limit} "
+                f"ends the run after {unit} {limit - 1}: strategy={cfg.strategy_name} would silently stop "
+                f"part-way. Raise {key} to at least {max(late) + 1}, or set allow_short_schedule=true if "
+                f"you mean to cut the schedule short"
+            )
+
+
+def _check_fisher_paths(cfg: DictConfig) -> None:
+    """A callback's ``fisher_path`` must be a readable safetensors file before any model is built.
+
+    Raises:
+        FileNotFoundError: If the file is missing, naming the key.
+        ValueError: If it is not a safetensors file, naming the key.
+    """
+    for name, node in (cfg.callbacks or {}).items():
+        path = node.get("fisher_path") if isinstance(node, DictConfig) else None
+        if path is None:
+            continue
+        key = f"callbacks.{name}.fisher_path"
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{key}={path!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as error:  # safetensors raises its own error type for every kind of bad file
+            raise ValueError(f"{key}={path!r} is not a readable safetensors file ({error})") from error
+
+
+@contextmanager
+def _run_directory_lock(output_dir: str) -> Iterator[None]:
+    """Hold ``output_dir``'s ``RunLock`` in the launching process (global rank 0) only.
+
+    DDP ranks > 0 (started by Lightning's launcher or torchrun, which set ``RANK``/``LOCAL_RANK``)
+    re-run ``train`` inside the same run and must not compete for the lock rank 0 holds.
+
+    Raises:
+        PermissionError: If ``output_dir`` cannot be written, saying so.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    lock = RunLock(output_dir)
+    try:
+        lock.acquire()
+    except PermissionError as error:
+        raise PermissionError(
+            f"paths.output_dir={output_dir!r} is not writable ({error.strerror}): choose a writable "
+            f"directory with paths.output_dir=... (or hydra.run.dir=... with train.py)"
+        ) from error
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise
+        raise PermissionError(
+            f"paths.output_dir={output_dir!r} is on a read-only file system: choose a writable "
+            f"directory with paths.output_dir=... (or hydra.run.dir=... with train.py)"
+        ) from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _with_monitor_mode(cfg: DictConfig, module: torch.nn.Module) -> DictConfig:
+    """Check ``monitor`` against what the module logs and resolve ``monitor_mode: auto`` from it.
+
+    Returns:
+        ``cfg`` itself, or a copy with ``monitor_mode`` set to ``min`` or ``max``.
+
+    Raises:
+        ValueError: On a metric the module does not log (listing those it does), or a mode that
+            would keep the worst checkpoint.
+    """
+    modes = module.monitor_modes() if hasattr(module, "monitor_modes") else {}
+    if modes and cfg.monitor not in modes:
+        raise ValueError(
+            f"monitor={cfg.monitor!r} is not a metric {type(module).__name__} logs; one of {list(modes)}"
+        )
+    derived = modes.get(cfg.monitor)
+    if cfg.monitor_mode == "auto":
+        if derived is None:
+            raise ValueError(
+                f"monitor_mode=auto cannot tell whether {cfg.monitor} is better high or low; set min or max"
+            )
+        cfg = copy.deepcopy(cfg)  # the caller's config stays as given
+        cfg.monitor_mode = derived
+    elif derived is not None and cfg.monitor_mode != derived:
+        raise ValueError(
+            f"monitor_mode={cfg.monitor_mode} would keep the worst {cfg.monitor} checkpoint "
+            f"({cfg.monitor} is better when {'lower' if derived == 'min' else 'higher'}); "
+            f"set monitor_mode={derived} or auto"
+        )
+    return cfg
+
+
+def _pipeline_callbacks(cfg: DictConfig, callbacks: list, loggers: list) -> list:
+    """The configured callbacks, adjusted to the run, plus the guards every run gets.
+
+    * ``LearningRateMonitor`` needs a logger: with ``logger=none`` it is left out (logged at INFO).
+    * A ``FiniteLossGuard`` stops a run whose training loss goes NaN or infinite.
+    * Partial checkpoint files of killed runs are removed from checkpoint directories (rank 0, which
+      holds the run directory's lock).
+    """
+    if not loggers:
+        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        if dropped:
+            log.info("logger=none: leaving out LearningRateMonitor, which needs a logger")
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if rank_zero_only.rank == 0:
+        for callback in callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                for path in remove_partial_checkpoints(callback.dirpath):
+                    log.warning("removed %s, a partial checkpoint of an interrupted run", path)
+    lr = OmegaConf.select(cfg, "module.optimizer.lr", default=None)
+    hint = f"Lower module.optimizer.lr (now {lr}) or check the data for NaN/inf values."
+    return [*callbacks, FiniteLossGuard(hint)]
 
 
 def _run_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
@@ -119,7 +354,7 @@ def _run_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
     )
 
 
-def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule) -> str:
+def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule, module) -> str:
     """Resolve ``feature_cache`` (auto|off|memory|disk) against what the run actually does.
 
     Raises:
@@ -129,7 +364,7 @@ def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule) -> str:
     mode = cfg.feature_cache
     if mode not in MODES:
         raise ValueError(f"feature_cache={mode!r} is not one of {list(MODES)}")
-    applies = cache_applies(callbacks, datamodule)
+    applies = cache_applies(callbacks, datamodule, module)
     if mode == "auto":
         return "memory" if applies else "off"
     if mode != "off" and not applies:
@@ -218,6 +453,17 @@ def check_same_strategy(checkpoint: dict, strategy: str, allow_change: bool, pat
         f"ckpt_path={path!r} was written by strategy={saved}, but this run is strategy={strategy}; "
         f"resume with strategy={saved}, or set allow_strategy_change=true to continue under {strategy}"
     )
+
+
+def _json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (``metrics.json`` is strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _scalars(metrics: dict, prefix: str) -> dict[str, float]:

@@ -1,0 +1,114 @@
+"""One run per output directory: a lock file created with ``O_EXCL``, naming its holder."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK_NAME = ".run.lock"
+
+
+class RunDirectoryLocked(RuntimeError):
+    """Another live run holds the lock on this output directory."""
+
+
+class RunLock:
+    """Exclusive lock on a run directory, held from ``acquire()`` to ``release()`` (or a ``with`` block).
+
+    The lock is the file ``<directory>/.run.lock`` holding ``{"pid", "host", "started"}``, created
+    atomically and complete (written to a private file, then hard-linked into place, which fails if
+    the lock exists, like ``O_CREAT | O_EXCL``). A lock left by a dead process of this host is stale and
+    taken over; a lock of a live process, or of another host (which cannot be checked), stops the run.
+
+    Args:
+        directory: The run directory; created if missing.
+
+    Raises:
+        RunDirectoryLocked: From ``acquire()``, naming the directory and the holder.
+        PermissionError: From ``acquire()``, if the directory cannot be written (read-only file system).
+
+    Example::
+
+        with RunLock("outputs/train/2026-01-01_00-00-00"):
+            trainer.fit(module, datamodule)
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._held = False
+
+    def acquire(self) -> RunLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # more tries after a stale lock was removed or the holder released it
+            if self._create():
+                self._held = True
+                return self
+            holder = self._holder()
+            if not _is_stale(holder):
+                raise RunDirectoryLocked(
+                    f"output directory {str(self.directory)!r} is in use by another run "
+                    f"(pid {holder.get('pid')} on host {holder.get('host')!r}, "
+                    f"started {holder.get('started')}); "
+                    f"wait for it to finish or choose another paths.output_dir (hydra.run.dir); if that "
+                    f"run is gone, delete {str(self.path)!r}"
+                )
+            self.path.unlink(missing_ok=True)
+        raise RunDirectoryLocked(f"could not take the lock {str(self.path)!r}: another run took it first")
+
+    def release(self) -> None:
+        """Delete the lock file if this object holds it."""
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def _create(self) -> bool:
+        """Write the holder to a private file, then hard-link it into place: never half written."""
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        private = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}")
+        private.write_text(json.dumps(holder))
+        try:
+            os.link(private, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            private.unlink(missing_ok=True)
+        return True
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # vanished in between: its holder just released it
+        return holder if isinstance(holder, dict) else {}
+
+
+def _is_stale(holder: dict) -> bool:
+    """Whether the lock's holder is a process of this host that no longer exists (or the lock vanished)."""
+    if not holder:
+        return True
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    return not _pid_alive(holder["pid"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as error:
+        return error.errno == errno.EPERM  # exists, owned by someone else
+    return True
