@@ -24,12 +24,17 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from tl_lightning.callbacks._select import ModuleSelector, as_selector_list, selected_parameters
+from tl_lightning.callbacks._select import (
+    ModuleSelector,
+    as_selector_list,
+    selected_parameters,
+    shared_parameters,
+)
+from tl_lightning.callbacks._source import source_method
 from tl_lightning.fisher import FISHER_MODES, fisher_diagonal
 
 NORMALIZE_MODES: tuple[str | None, ...] = ("mean", "max", None)
@@ -352,9 +357,10 @@ class L2SP(QuadraticPenalty):
             return
         self._pretrained_names = list(selected_parameters(pl_module, self.pretrained))
         self._new_names = [] if self.new is None else list(selected_parameters(pl_module, self.new))
-        shared = sorted(set(self._pretrained_names) & set(self._new_names))
+        shared = [] if self.new is None else shared_parameters(pl_module, self.pretrained, self.new)
         if shared:
-            raise ValueError(f"`pretrained` and `new` select the same parameters: {shared[:5]}")
+            pairs = ", ".join(f"{a!r} (pretrained) is {b!r} (new)" for a, b in shared[:5])
+            raise ValueError(f"`pretrained` and `new` select the same tensors (tied weights count): {pairs}")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
