@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -34,7 +35,6 @@ from tl_lightning.callbacks._select import (
     selected_parameters,
     shared_parameters,
 )
-from tl_lightning.callbacks._source import source_method
 from tl_lightning.fisher import FISHER_MODES, fisher_diagonal
 
 NORMALIZE_MODES: tuple[str | None, ...] = ("mean", "max", None)
