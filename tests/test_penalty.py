@@ -209,8 +209,54 @@ def test_fisher_file_round_trip(tmp_path, monkeypatch):
     loader = EWC(lambda_=1.0, fisher_path=path)
     _trainer(tmp_path, [loader]).fit(Tiny())
     saved, loaded = saver.state_dict()["fisher"], loader.state_dict()["fisher"]
-    assert saved.keys() == loaded.keys()
+    assert (
+        list(loaded) == list(saved) == [n for n, _ in Tiny().named_parameters() if n.startswith("backbone.")]
+    )
     assert all(torch.equal(saved[n], loaded[n]) for n in saved)
+
+
+def test_normalisation_does_not_depend_on_dict_order():
+    """safetensors returns keys sorted; these values make a float32 mean in dict order differ by one ulp."""
+    g = torch.Generator().manual_seed(2)
+    shapes = {
+        "backbone.0.weight": (8, 4),
+        "backbone.0.bias": (8,),
+        "backbone.2.weight": (8, 8),
+        "backbone.2.bias": (8,),
+    }
+    fisher = {name: torch.rand(shape, generator=g) ** 4 for name, shape in shapes.items()}
+    in_order = penalty_module._normalized(fisher, "mean")
+    by_name = penalty_module._normalized(dict(sorted(fisher.items())), "mean")
+    mean = torch.cat([f.flatten().double() for f in fisher.values()]).mean().float()
+    for name, value in fisher.items():
+        assert torch.equal(in_order[name], by_name[name]), name
+        assert torch.equal(in_order[name], value / mean), name
+
+
+class TargetOnly(Tiny):
+    """A fine-tuning module whose only forward runs the new, randomly initialised target head."""
+
+    source_logits = None
+
+
+def test_ewc_default_never_measures_the_target_head(tmp_path):
+    assert EWC(lambda_=1.0).source_forward == "source_logits"
+    with pytest.raises(
+        AttributeError, match="EWC\\(source_forward='source_logits'\\): TargetOnly has no method"
+    ):
+        _trainer(tmp_path, [EWC(lambda_=1.0)]).fit(TargetOnly())
+
+
+def test_logs_on_lightnings_logging_steps_only(tmp_path):
+    logged = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append("penalty/l2sp" in trainer.callback_metrics)
+            trainer.callback_metrics.pop("penalty/l2sp", None)
+
+    make_trainer(tmp_path, 1, [L2SP(), Watch()], log_every_n_steps=3).fit(Tiny())
+    assert logged == [False, False, True, True]  # step 3, and the last step (the trainer stops)
 
 
 def test_missing_module_lists_children(tmp_path):

@@ -104,3 +104,21 @@ def test_rejects_shuffled_probe_and_missing_method(tmp_path):
         SourceRetention(DataLoader(TensorDataset(torch.randn(4, 4)), shuffle=True))
     with pytest.raises(AttributeError, match="method 'teacher'"):
         _fit(tmp_path, Tiny(lr=0.0), [SourceRetention(_loader(8, 6, 3), source_forward="teacher")])
+
+
+def test_two_instances_keep_their_own_reference_and_metrics(tmp_path):
+    def pair():
+        return [SourceRetention(_loader(24, 6, 3)), SourceRetention(_loader(16, 6, 4), prefix="other")]
+
+    first = pair()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, 1, [*first, checkpoint], enable_checkpointing=True)
+    trainer.fit(Tiny(lr=5.0), _loader(32, 2, 1), _loader(8, 2, 2))
+    assert {"source/kl", "other/kl"} <= set(trainer.callback_metrics)
+    resumed = pair()
+    make_trainer(tmp_path, 2, resumed).fit(
+        Tiny(lr=5.0), _loader(32, 2, 1), _loader(8, 2, 2), ckpt_path=tmp_path / "last.ckpt"
+    )
+    for before, after in zip(first, resumed, strict=True):
+        assert torch.equal(after.state_dict()["reference"], before.state_dict()["reference"])
+    assert [len(r.state_dict()["reference"]) for r in resumed] == [24, 16]

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn import functional as F
 
+from tl_lightning._modes import eval_mode
+
 FisherMode = Literal["empirical", "sampled", "exact"]
 FISHER_MODES: tuple[str, ...] = ("empirical", "sampled", "exact")
 
@@ -114,14 +116,8 @@ def fisher_diagonal(
     net = model if method == "forward" else _BoundMethod(model, method)
     prefix = "" if net is model else "module."
     names = _parameter_names(model, params)
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            sums, count = _accumulate(net, prefix, names, batches, mode, max_samples, chunk_size, seed, shard)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        sums, count = _accumulate(net, prefix, names, batches, mode, max_samples, chunk_size, seed, shard)
     if count == 0:
         raise ValueError("`batches` yielded no samples; the Fisher needs at least one")
     return {name: total / count for name, total in sums.items()}

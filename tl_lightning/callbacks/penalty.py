@@ -9,6 +9,12 @@ So the user's ``training_step`` is untouched, no autograd graph is built, and ev
 the same thing (its gradients are already all-reduced; the penalty depends only on ``θ``, which is
 identical across ranks).
 
+The penalty gradient is added in the scale of the gradients the optimizer will see. Under 16-bit mixed
+precision Lightning unscales before the hook, except for optimizers that unscale inside ``step``
+(``AdamW(fused=True)``, ``SGD(fused=True)``: they set ``_step_supports_amp_scaling``, the flag
+``GradScaler.step`` reads); their gradients are still multiplied by the loss scale, so the penalty
+gradient is multiplied by it too (a power of two: the optimizer's unscaling divides it back exactly).
+
 Which parameters get the penalty gradient: those of the selected modules that require grad, have a
 ``.grad`` and belong to the optimizer being stepped. A parameter whose ``.grad`` is ``None`` is
 skipped rather than given one: it is frozen, or it took no part in this step's loss, and the
@@ -24,7 +30,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -35,6 +40,7 @@ from tl_lightning.callbacks._select import (
     selected_parameters,
     shared_parameters,
 )
+from tl_lightning.callbacks._source import source_method
 from tl_lightning.fisher import FISHER_MODES, fisher_diagonal
 
 NORMALIZE_MODES: tuple[str | None, ...] = ("mean", "max", None)
@@ -54,8 +60,8 @@ class _Term:
     importances: list[Tensor] | None = None
     _scratch: list[Tensor] = field(default_factory=list, init=False, repr=False)
 
-    def apply(self, stepped: set[int], with_value: bool) -> Tensor | None:
-        """Add the term's gradient to ``.grad`` of the stepped parameters; return its value if asked."""
+    def apply(self, stepped: set[int], with_value: bool, grad_scale: float = 1.0) -> Tensor | None:
+        """Add ``grad_scale ×`` the gradient to stepped parameters' ``.grad``; return the value if asked."""
         index = [
             i
             for i, p in enumerate(self.params)
@@ -73,10 +79,10 @@ class _Term:
             torch._foreach_copy_(diffs, params)
             torch._foreach_sub_(diffs, [self.anchors[i] for i in index])
         if self.importances is None:
-            torch._foreach_add_(grads, diffs, alpha=self.strength)
+            torch._foreach_add_(grads, diffs, alpha=self.strength * grad_scale)
         else:
             importances = [self.importances[i] for i in index]
-            torch._foreach_addcmul_(grads, diffs, importances, value=self.strength)
+            torch._foreach_addcmul_(grads, diffs, importances, value=self.strength * grad_scale)
         if not with_value:
             return None
         squares = torch._foreach_mul(diffs, diffs)
@@ -97,6 +103,7 @@ class QuadraticPenalty(Callback):
     """
 
     def __init__(self, log_name: str) -> None:
+        super().__init__()
         self.log_name = log_name
         self._terms: list[_Term] = []
 
@@ -107,9 +114,10 @@ class QuadraticPenalty(Callback):
         if not self._terms:
             return
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        with_value = trainer._logger_connector.should_update_logs  # as Lightning's LearningRateMonitor does
+        with_value = _logs_this_step(trainer)
+        scale = _grad_scale(trainer, optimizer)
         with torch.no_grad():
-            values = [v for term in self._terms if (v := term.apply(stepped, with_value)) is not None]
+            values = [v for term in self._terms if (v := term.apply(stepped, with_value, scale)) is not None]
         if with_value and values:
             pl_module.log(f"penalty/{self.log_name}", torch.stack(values).sum(), on_step=True, on_epoch=False)
 
@@ -132,7 +140,12 @@ class EWC(QuadraticPenalty):
         modules: Modules whose parameters are penalised (attribute paths or regexes; see
             ``tl_lightning.callbacks._select``). Frozen ones get the penalty once they train.
         source_forward: Method of the LightningModule returning the *source* task's logits, e.g.
-            ``"source_logits"`` for an ImageNet head kept next to the new one.
+            ``"source_logits"`` (the default) for an ImageNet head kept next to the new one. The Fisher
+            measures what the *source* task needs, so the default is deliberately not ``"forward"``,
+            which on a fine-tuning module usually runs the new, randomly initialised target head and
+            would make the importances noise; a module without the method fails in ``setup``, naming
+            the methods that look like source heads. Pass ``"forward"`` explicitly only when it returns
+            source logits. Unused with ``fisher_path``.
         source_data: ``DataLoader`` (or any iterable of ``(x, y)``/``x`` batches, in the same
             order on every rank) or ``LightningDataModule`` (its ``train_dataloader()``) for the
             Fisher. ``None`` uses the trainer's training batches as inputs, with labels sampled
@@ -162,7 +175,7 @@ class EWC(QuadraticPenalty):
         self,
         lambda_: float,
         modules: ModuleSelector = "backbone",
-        source_forward: str = "forward",
+        source_forward: str = "source_logits",
         source_data: Iterable[Any] | LightningDataModule | None = None,
         fisher_mode: str = "sampled",
         fisher_samples: int = 512,
@@ -226,10 +239,8 @@ class EWC(QuadraticPenalty):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not callable(getattr(pl_module, self.source_forward, None)):
-            raise AttributeError(
-                f"{type(pl_module).__name__} has no `source_forward` method {self.source_forward!r}"
-            )
+        if self.fisher_path is None:
+            source_method(pl_module, self.source_forward, type(self).__name__)
         self._names = list(selected_parameters(pl_module, self.modules))
         if not self._names:
             raise ValueError(f"modules {self.modules} hold no parameters to penalise")
@@ -258,8 +269,7 @@ class EWC(QuadraticPenalty):
 
     def _new_fisher(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
         if self.fisher_path is not None:
-            fisher = load_file(str(self.fisher_path))
-            _check_state(str(self.fisher_path), fisher, _named(pl_module, self._names))
+            fisher = _load_fisher(self.fisher_path, _named(pl_module, self._names))
         else:
             batches, shard = self._batches(trainer)
             fisher = fisher_diagonal(
@@ -274,7 +284,7 @@ class EWC(QuadraticPenalty):
                 shard=shard,
             )
             if self.fisher_save_path is not None and trainer.is_global_zero:
-                save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(self.fisher_save_path))
+                _save_fisher(fisher, self.fisher_save_path)
         return _normalized(fisher, self.normalize)
 
     def _batches(self, trainer: Trainer) -> tuple[Iterable[Any], bool]:
@@ -387,6 +397,21 @@ class L2SP(QuadraticPenalty):
             self._restored = True
 
 
+def _logs_this_step(trainer: Trainer) -> bool:
+    """Whether Lightning writes logs after this optimizer step: every ``log_every_n_steps``, and the last."""
+    every = trainer.log_every_n_steps
+    return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
+
+
+def _grad_scale(trainer: Trainer, optimizer: Optimizer) -> float:
+    """The loss scale ``optimizer``'s gradients still carry in ``on_before_optimizer_step`` (module doc)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    unscales_in_step = getattr(optimizer, "_step_supports_amp_scaling", False)
+    if scaler is None or not scaler.is_enabled() or not unscales_in_step:
+        return 1.0
+    return scaler.get_scale()
+
+
 def _named(pl_module: LightningModule, names: list[str]) -> dict[str, Tensor]:
     """Current parameter objects by name (looked up again after the strategy moved the model)."""
     params = dict(pl_module.named_parameters())
@@ -407,11 +432,31 @@ def _check_state(source: str, tensors: dict[str, Tensor], params: dict[str, Tens
         )
 
 
+def _load_fisher(path: str | Path, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The Fisher saved at ``path``, checked against ``params`` and in their order (the file's is sorted)."""
+    from safetensors.torch import load_file  # only here: Lightning does not depend on safetensors
+
+    loaded = load_file(str(path))
+    _check_state(str(path), loaded, params)
+    return {name: loaded[name] for name in params}
+
+
+def _save_fisher(fisher: dict[str, Tensor], path: str | Path) -> None:
+    from safetensors.torch import save_file  # only here: Lightning does not depend on safetensors
+
+    save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(path))
+
+
 def _normalized(fisher: dict[str, Tensor], normalize: str | None) -> dict[str, Tensor]:
+    """Divide by the mean or max over all entries, taken in name order in float64: dict order is moot."""
     if normalize is None:
         return fisher
-    flat = torch.cat([f.flatten().float() for f in fisher.values()])
-    scale = flat.mean() if normalize == "mean" else flat.max()
+    names = sorted(fisher)
+    if normalize == "mean":
+        total = sum(fisher[n].double().sum() for n in names)
+        scale = total / sum(fisher[n].numel() for n in names)
+    else:
+        scale = torch.stack([fisher[n].double().max() for n in names]).max()
     if not scale > 0:
         raise ValueError(
             "the Fisher is zero everywhere, nothing to normalise; check `source_forward` and the data"

@@ -12,14 +12,17 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
+from tl_lightning._modes import eval_mode
+from tl_lightning.callbacks._source import source_method
+
 
 class SourceRetention(Callback):
     """Evaluate the source head on a fixed probe set at the end of every validation epoch.
 
-    With ``has_labels=True`` the probe carries real source labels and ``source/acc`` is logged.
+    With ``has_labels=True`` the probe carries real source labels and ``<prefix>/acc`` is logged.
     Otherwise the reference is the *original* model: its source logits on the probe set are captured
     once, at the start of the first fit (or given as ``reference``), and kept in checkpoints; then
-    ``source/agreement`` (top-1 agreement with the original predictions) and ``source/kl``
+    ``<prefix>/agreement`` (top-1 agreement with the original predictions) and ``<prefix>/kl``
     (``KL(p_original || p_current)``, averaged over probe samples) are logged. The probe runs in eval
     mode without gradients; each sub-module's training flag is restored afterwards. Every rank
     evaluates the whole probe set, so the values need no synchronisation.
@@ -32,9 +35,11 @@ class SourceRetention(Callback):
         has_labels: Whether the batches' second element holds source-task labels.
         reference: The original model's source logits ``[N, C]`` on the probe set, in probe order;
             captured at fit start when ``None``. Unused with ``has_labels=True``.
+        prefix: Metric names are ``<prefix>/<metric>``; it also keys the instance's checkpoint state,
+            so several instances (one per probe set or source head) need different prefixes.
 
     Raises:
-        ValueError: If ``probe_data`` shuffles, or ``reference`` is not a 2-D tensor.
+        ValueError: If ``probe_data`` shuffles, ``reference`` is not a 2-D tensor, or ``prefix`` is empty.
         AttributeError: In ``setup``, if the module has no ``source_forward`` method, or
             ``probe_data`` is ``None`` and the datamodule has no ``probe_dataloader``.
         TypeError: While probing, if ``has_labels=True`` but a batch has no labels.
@@ -51,8 +56,12 @@ class SourceRetention(Callback):
         source_forward: str = "source_logits",
         has_labels: bool = False,
         reference: Tensor | None = None,
+        prefix: str = "source",
     ) -> None:
+        super().__init__()
         _check_fixed_order(probe_data)
+        if not prefix:
+            raise ValueError("`prefix` must be a non-empty string, e.g. 'source'")
         if reference is not None and reference.dim() != 2:
             raise ValueError(
                 f"`reference` must be logits of shape [N, C], got shape {tuple(reference.shape)}"
@@ -60,14 +69,17 @@ class SourceRetention(Callback):
         self.probe_data = probe_data
         self.source_forward = source_forward
         self.has_labels = has_labels
+        self.prefix = prefix
         self._reference = None if reference is None else reference.detach().float().cpu()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, self.source_forward, None)):
-            raise AttributeError(
-                f"{type(pl_module).__name__} has no `source_forward` method {self.source_forward!r}"
-            )
+        source_method(pl_module, self.source_forward, type(self).__name__)
         if self.probe_data is None:
             datamodule = trainer.datamodule
             if not callable(getattr(datamodule, "probe_dataloader", None)):
@@ -89,7 +101,7 @@ class SourceRetention(Callback):
             return
         for name, value in self.evaluate(pl_module).items():
             # identical on every rank already; syncing only keeps Lightning's DDP epoch-logging contract
-            pl_module.log(f"source/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log(f"{self.prefix}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def evaluate(self, pl_module: LightningModule) -> dict[str, Tensor]:
         """``{"acc": ...}`` with labels, else ``{"agreement": ..., "kl": ...}`` against the reference.
@@ -114,18 +126,12 @@ class SourceRetention(Callback):
 
     def _probe(self, pl_module: LightningModule) -> list[tuple[Tensor, Tensor | None]]:
         """``(source logits, labels or None)`` per probe batch, in eval mode, without gradients."""
-        forward = getattr(pl_module, self.source_forward)
-        modes = [(module, module.training) for module in pl_module.modules()]
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                return [
-                    (forward(x.to(pl_module.device)), y)
-                    for x, y in (_split(batch, self.has_labels) for batch in self.probe_data)
-                ]
-        finally:
-            for module, training in modes:
-                module.training = training
+        forward = source_method(pl_module, self.source_forward, type(self).__name__)
+        with eval_mode(pl_module), torch.no_grad():
+            return [
+                (forward(x.to(pl_module.device)), y)
+                for x, y in (_split(batch, self.has_labels) for batch in self.probe_data)
+            ]
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""The LightningModule method returning the *source* task's logits, shared by EWC and SourceRetention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+
+def source_method(pl_module: LightningModule, name: str, owner: str) -> Callable[[Tensor], Tensor]:
+    """Return ``getattr(pl_module, name)``, checked to be callable.
+
+    Args:
+        pl_module: The module being fitted.
+        name: The ``source_forward`` argument of the calling callback.
+        owner: The callback's class name, for the message.
+
+    Raises:
+        AttributeError: If the module has no such method; the message lists the module's public
+            methods that end in ``logits``, the usual spelling of a source head.
+    """
+    method = getattr(pl_module, name, None)
+    if callable(method):
+        return method
+    candidates = sorted(
+        n
+        for n in dir(type(pl_module))
+        if n.endswith("logits") and not n.startswith("_") and callable(getattr(pl_module, n, None))
+    )
+    raise AttributeError(
+        f"{owner}(source_forward={name!r}): {type(pl_module).__name__} has no method {name!r}; "
+        f"methods that look like source heads: {candidates or 'none'}"
+    )
