@@ -71,7 +71,7 @@ def torchvision_backbone(
     return Backbone(
         model,
         classifier.in_features,
-        _torchvision_data_config(weights_enum),
+        torchvision_data_config(weights_enum),
         torchvision_group_of(model),
         source_head=classifier if weights_enum is not None else None,
         name=model_name,
@@ -108,7 +108,13 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
 
 
-def _torchvision_data_config(weights) -> DataConfig:
+def torchvision_data_config(weights) -> DataConfig:
+    """Mean, std, crop, interpolation and resize (as ``crop_pct``) of a torchvision weights enum.
+
+    Example::
+
+        torchvision_data_config(ResNet50_Weights.IMAGENET1K_V2).resize_size()  # 232
+    """
     if weights is None:
         return DataConfig(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224))
     transforms = weights.transforms()
