@@ -72,6 +72,22 @@ class TinyModel(pl.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if hasattr(scheduler, "step_update"):  # a timm scheduler, stepped per optimizer update
+            scheduler.step_update(num_updates=self.global_step)
+        else:
+            super().lr_scheduler_step(scheduler, metric)
+
+
+def timm_cosine(optimizer: torch.optim.Optimizer, warmup_lr_init: float = 0.0) -> dict[str, Any]:
+    """timm's cosine schedule with a 3-step warm-up over 12 optimizer steps, as a Lightning config."""
+    from timm.scheduler import CosineLRScheduler
+
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=12, warmup_t=3, warmup_lr_init=warmup_lr_init, lr_min=0.0, t_in_epochs=False
+    )
+    return {"scheduler": scheduler, "interval": "step"}
+
 
 def dataloader(seed: int = 1, n: int = N_SAMPLES) -> DataLoader:
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from callback_helpers import Recorder, TinyModel, dataloader, make_trainer
+from callback_helpers import Recorder, TinyModel, dataloader, make_trainer, timm_cosine
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.optim import lr_scheduler
@@ -38,6 +38,7 @@ SCHEDULERS = {
         "scheduler": lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.2, step_size_up=3),
         "interval": "step",
     },
+    "timm_cosine": timm_cosine,
 }
 
 
@@ -152,3 +153,20 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         (a - b).abs().max().item() for a, b in zip(full.parameters(), resumed.parameters(), strict=True)
     )
     assert diff <= 1e-6
+
+
+def test_timm_warm_up_starts_at_its_scalar_floor_and_ends_at_the_scaled_lr(tmp_path):
+    """With ``warmup_lr_init > 0`` the warm-up starts at the unscaled floor; then lr = ref * factor."""
+    reference = Recorder()
+    make_trainer(tmp_path, 3, [reference]).fit(
+        TinyModel(optim="all", scheduler=lambda o: timm_cosine(o, warmup_lr_init=1e-3)), dataloader()
+    )
+    scaled = Recorder()
+    make_trainer(tmp_path, 3, [LayerwiseLR(), scaled]).fit(
+        TinyModel(optim="all", scheduler=lambda o: timm_cosine(o, warmup_lr_init=1e-3)), dataloader()
+    )
+    for ref, lrs in zip(reference.lrs[3:], scaled.lrs[3:], strict=True):
+        assert lrs == pytest.approx({group: ref["other"] * f for group, f in FACTORS.items()}, rel=1e-9)
+    for group in FACTORS:
+        ramp = [lrs[group] for lrs in scaled.lrs[1:4]]
+        assert 1e-3 < ramp[0] < ramp[1] < ramp[2]

@@ -151,3 +151,39 @@ def test_scale_lrs_scales_groups_and_scheduler_lists_once(net):
     assert [g["initial_lr"] for g in opt.param_groups] == [0.5, 0.25, 1.0]
     assert seq._last_lr == [0.25, 0.125, 0.5]  # shared with the first inner scheduler, scaled once
     assert seq._schedulers[1].base_lrs == [0.5, 0.25, 1.0]
+
+
+class PeakPerGroup:
+    """A scheduler of a kind the callbacks do not know, holding one entry per parameter group."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.peaks = [group["lr"] for group in optimizer.param_groups]
+
+
+def test_unknown_per_group_scheduler_state_is_an_error_naming_it(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match=r"PeakPerGroup\.peaks has one entry per parameter group"):
+        partition_optimizer(opt, layers_of(net), [PeakPerGroup(opt)])
+
+
+def test_timm_scheduler_lists_follow_the_split(net):
+    from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
+
+    opt = torch.optim.SGD(
+        [{"params": net[0].parameters(), "lr": 0.1}, {"params": net[2].parameters()}], lr=0.2
+    )
+    cosine = CosineLRScheduler(opt, t_initial=10, warmup_t=2, warmup_lr_init=0.01)
+    with pytest.warns(FutureWarning):  # deprecated in timm, still used
+        plateau = PlateauLRScheduler(opt, warmup_t=2, warmup_lr_init=0.01)
+    layers = {"l0": dict(net[0].named_parameters()), "l1": dict(net[1].named_parameters())}
+    assert partition_optimizer(opt, layers, [cosine, plateau], add_missing=True)
+    assert names(opt) == ["other", "l0", "l1"]
+    for scheduler in (cosine, plateau):
+        assert scheduler.base_values == [0.2, 0.1, 0.1]
+        assert scheduler.warmup_steps == pytest.approx([0.095, 0.045, 0.045])
+    assert plateau.lr_scheduler.min_lrs == [0, 0, 0]
+    scale_lrs(opt, [1.0, 0.5, 0.25], [cosine])
+    assert cosine.base_values == pytest.approx([0.2, 0.05, 0.025])
+    cosine.step(1)  # half-way: from the unscaled floor 0.01 towards the scaled base values
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.105, 0.03, 0.0175])

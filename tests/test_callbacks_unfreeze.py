@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from callback_helpers import Recorder, TinyModel, dataloader, make_trainer, state
+from callback_helpers import Recorder, TinyModel, dataloader, make_trainer, state, timm_cosine
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim import lr_scheduler
 
@@ -116,6 +116,7 @@ SCHEDULERS = {
         ),
         "interval": "step",
     },
+    "timm_cosine": timm_cosine,
 }
 
 

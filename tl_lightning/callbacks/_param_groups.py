@@ -8,7 +8,9 @@ group in parameter groups of its own. :func:`partition_optimizers` gives them th
   so a weight-decay / no-decay split stays split;
 * selected parameters missing from every optimizer (a module that optimises only what is trainable)
   are appended, frozen and therefore untouched, copying the hyperparameters of the first group;
-* every scheduler's per-group lists are remapped by source group (whitelisted names only);
+* every scheduler's per-group lists are remapped by source group: those of torch's schedulers and of
+  timm's ``Scheduler`` (``base_values``, ``warmup_steps``); a scheduler of another kind holding a list
+  with one entry per group is refused with an error naming it, rather than left misaligned;
 * the result is deterministic, and a second call on an already partitioned optimizer changes nothing.
 
 Groups are never added mid-run: that breaks schedulers sized at construction and resuming
@@ -25,7 +27,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 # Per-group lists a torch scheduler keeps on itself (LRScheduler, LambdaLR/MultiplicativeLR,
-# ReduceLROnPlateau, CyclicLR). Keys OneCycleLR keeps in the group dict travel with the group.
+# ReduceLROnPlateau, CyclicLR) and timm's Scheduler (base_values, warmup_steps). Keys OneCycleLR keeps
+# in the group dict travel with the group.
 SCHEDULER_GROUP_LISTS = (
     "base_lrs",
     "_last_lr",
@@ -34,19 +37,28 @@ SCHEDULER_GROUP_LISTS = (
     "max_lrs",
     "base_momentums",
     "max_momentums",
+    "base_values",
+    "warmup_steps",
 )
-# The learning-rate valued ones among them, and the learning-rate valued keys of a group dict.
+# The learning-rate valued ones among them (timm's base_values when it schedules "lr"), and the
+# learning-rate valued keys of a group dict.
 SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs")
 GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+# Where the schedulers whose per-group state is fully known live; others are checked for unknown lists.
+KNOWN_SCHEDULER_MODULES = ("torch.optim.lr_scheduler", "timm.scheduler")
 
 LayerParams = Mapping[str, Mapping[str, nn.Parameter]]
 """Layer groups in order (input -> output): ``{group name: {parameter name: parameter}}``."""
 
 
 def iter_schedulers(scheduler: Any) -> Iterator[Any]:
-    """Yield ``scheduler`` and, recursively, the schedulers it wraps (SequentialLR, ChainedScheduler)."""
+    """Yield ``scheduler`` and, recursively, the schedulers it wraps (SequentialLR, ChainedScheduler,
+    the ReduceLROnPlateau inside timm's PlateauLRScheduler)."""
     yield scheduler
     for inner in getattr(scheduler, "_schedulers", ()):
+        yield from iter_schedulers(inner)
+    inner = getattr(scheduler, "lr_scheduler", None)
+    if inner is not None and hasattr(inner, "optimizer"):
         yield from iter_schedulers(inner)
 
 
@@ -152,8 +164,10 @@ def remap_scheduler_lists(scheduler: Any, sources: Sequence[int], n_before: int)
     """Rebuild ``scheduler``'s per-group lists so entry ``i`` comes from old group ``sources[i]``.
 
     Raises:
-        RuntimeError: If a whitelisted list does not have one entry per old group.
+        RuntimeError: If a whitelisted list does not have one entry per old group, or a scheduler of
+            an unknown kind holds a list with one entry per group (state that cannot be remapped).
     """
+    _check_no_unknown_group_state(scheduler, n_before)
     for attr in SCHEDULER_GROUP_LISTS:
         values = getattr(scheduler, attr, None)
         if not isinstance(values, list):
@@ -165,12 +179,31 @@ def remap_scheduler_lists(scheduler: Any, sources: Sequence[int], n_before: int)
         setattr(scheduler, attr, [values[src] for src in sources])
 
 
+def _check_no_unknown_group_state(scheduler: Any, n_groups: int) -> None:
+    if type(scheduler).__module__.startswith(KNOWN_SCHEDULER_MODULES):
+        return
+    unknown = [
+        attr
+        for attr, value in vars(scheduler).items()
+        if isinstance(value, (list, tuple)) and len(value) == n_groups and attr not in SCHEDULER_GROUP_LISTS
+    ]
+    if unknown:
+        raise RuntimeError(
+            f"{type(scheduler).__name__}.{unknown[0]} has one entry per parameter group ({n_groups}); the "
+            f"fine-tuning callbacks split the groups by layer and cannot remap a scheduler's per-group state "
+            f"they do not know (known: {list(SCHEDULER_GROUP_LISTS)}). Use a torch.optim.lr_scheduler or "
+            f"timm scheduler, or give each layer group its own parameter groups in configure_optimizers"
+        )
+
+
 def scale_lrs(optimizer: Optimizer, factors: Sequence[float], schedulers: Sequence[Any] = ()) -> None:
     """Multiply every learning-rate valued entry of group ``i`` by ``factors[i]``, schedulers included.
 
     Scales the group keys :data:`GROUP_LR_KEYS` and the scheduler lists :data:`SCHEDULER_LR_LISTS`, so
-    any torch scheduler then produces the scaled schedule. Lists are replaced, never mutated, so lists
-    shared between a wrapper and its inner schedulers are scaled once each.
+    any torch scheduler then produces the scaled schedule; for a timm ``Scheduler`` of ``"lr"``, its
+    ``base_values`` and the end point of its warm-up (which starts from the unscaled scalar
+    ``warmup_lr_init``, a floor like CosineAnnealingLR's ``eta_min``). Lists are replaced, never mutated,
+    so lists shared between a wrapper and its inner schedulers are scaled once each.
     """
     for group, factor in zip(optimizer.param_groups, factors, strict=True):
         for key in GROUP_LR_KEYS:
@@ -182,6 +215,19 @@ def scale_lrs(optimizer: Optimizer, factors: Sequence[float], schedulers: Sequen
                 values = getattr(inner, attr, None)
                 if isinstance(values, list):
                     setattr(inner, attr, [v * f for v, f in zip(values, factors, strict=True)])
+            if getattr(inner, "param_group_field", None) == "lr" and isinstance(inner.base_values, list):
+                _scale_timm(inner, factors)
+
+
+def _scale_timm(scheduler: Any, factors: Sequence[float]) -> None:
+    """Scale a timm scheduler's ``base_values``; its warm-up ``init + t * s`` then ends at the scaled one."""
+    scheduler.base_values = [v * f for v, f in zip(scheduler.base_values, factors, strict=True)]
+    steps, length = getattr(scheduler, "warmup_steps", None), getattr(scheduler, "warmup_t", 0)
+    if isinstance(steps, list) and length:
+        init = scheduler.warmup_lr_init
+        scheduler.warmup_steps = [
+            f * s + (f - 1) * init / length for s, f in zip(steps, factors, strict=True)
+        ]
 
 
 def groups_of_layers(optimizer: Optimizer, layers: LayerParams) -> dict[str, list[dict[str, Any]]]:
