@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 
+from tl_lightning.callbacks._resume import check_resume_callbacks
 from tl_lightning.checkpointing import (
     METADATA_KEY,
     AtomicCheckpointIO,
@@ -89,7 +90,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     if cfg.ckpt_path:
-        _check_resume(cfg, module)
+        _check_resume(cfg, module, trainer.callbacks)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     final_val = _scalars(trainer.callback_metrics, prefix="val/") | _scalars(
@@ -405,11 +406,13 @@ def _instantiate_group(group: DictConfig | None, key: str) -> list:
     return objects
 
 
-def _check_resume(cfg: DictConfig, module: torch.nn.Module) -> None:
-    """Stop before training when ``cfg.ckpt_path`` is unreadable, from another model or another strategy."""
+def _check_resume(cfg: DictConfig, module: torch.nn.Module, callbacks: list[pl.Callback]) -> None:
+    """Stop before training when ``cfg.ckpt_path`` is unreadable, from another model or another strategy,
+    or needs a callback that laid out its optimizer groups and this run lacks."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
     check_checkpoint_matches(checkpoint, module, cfg.ckpt_path)
     check_same_strategy(checkpoint, cfg.strategy_name, cfg.allow_strategy_change, cfg.ckpt_path)
+    check_resume_callbacks(checkpoint, callbacks, cfg.ckpt_path)
 
 
 def check_checkpoint_matches(checkpoint: dict, module: torch.nn.Module, path: str) -> None:
