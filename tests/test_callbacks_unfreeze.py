@@ -260,3 +260,28 @@ def test_ddp_late_unfrozen_parameters_stay_identical_across_ranks(tmp_path):
     u0, u1 = load("no-sync", 0), load("no-sync", 1)
     diverged = [n for n in u0["final"] if not torch.equal(u0["final"][n], u1["final"][n])]
     assert sorted(diverged) == sorted(n for n in u0["final"] if n.startswith("backbone."))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "match"),
+    [
+        ({"milestones": [1, 3]}, {"max_epochs": 2}, r"milestone 3 \(epoch\) is never reached.*max_epochs=2"),
+        ({"milestones": [2]}, {"max_epochs": 5, "max_steps": 6}, r"milestone 2 \(epoch\).*max_steps=6"),
+        (
+            {"milestones": [8], "unit": "step"},
+            {"max_epochs": 2},
+            r"milestone 8 \(step\).*\(8 optimizer steps\)",
+        ),
+    ],
+)
+def test_milestones_past_the_end_warn_at_fit_start(tmp_path, kwargs, trainer_kwargs, match):
+    max_epochs = trainer_kwargs.pop("max_epochs")
+    trainer = make_trainer(tmp_path, max_epochs, [GradualUnfreeze(**kwargs)], **trainer_kwargs)
+    with pytest.warns(UserWarning, match=match):
+        trainer.fit(TinyModel(), dataloader())
+
+
+def test_reachable_milestones_do_not_warn(tmp_path, recwarn):
+    make_trainer(tmp_path, 2, [GradualUnfreeze(milestones=[1])]).fit(TinyModel(), dataloader())
+    make_trainer(tmp_path, 2, [GradualUnfreeze(milestones=[7], unit="step")]).fit(TinyModel(), dataloader())
+    assert not [w for w in recwarn if "never reached" in str(w.message)]
