@@ -3,19 +3,31 @@
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score
+from torch.utils.data import DataLoader, TensorDataset
 
-from tl_lightning.backbones import efficientnet_lite0
+from tl_lightning.backbones import efficientnet_lite0, small_cnn
+from tl_lightning.heads import LinearHead
+from tl_lightning.module import TransferModule
 from tl_lightning.pipeline import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _not_json(constant: str):
+    raise ValueError(f"metrics.json holds {constant}, which is not JSON")
+
+
 def _metrics(cfg):
-    return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    """``metrics.json``, parsed strictly (a bare NaN or Infinity fails)."""
+    return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text(), parse_constant=_not_json)
 
 
 def test_default_config_trains_and_writes_metrics(make_cfg):
@@ -81,3 +93,63 @@ def test_ddp_cpu_two_processes_one_output_dir(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "one output directory, not one per rank"
+
+
+def test_train_accuracy_and_f1_are_logged_over_the_whole_epoch(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3, 32, 32), torch.arange(40) % 4
+    module = TransferModule(
+        small_cnn(channels=(4, 8)), LinearHead(8, 4), 4, partial(torch.optim.SGD, lr=0.0), weight_decay=0.0
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=20, shuffle=False))
+    module.train()  # lr=0: the same weights, and BatchNorm normalises each batch as during fit
+    with torch.no_grad():
+        preds = torch.cat([module(x[i : i + 20]).argmax(1) for i in (0, 20)]).numpy()
+    expected_acc = float(np.mean(preds == y.numpy()))
+    expected_f1 = f1_score(y.numpy(), preds, average="macro", labels=range(4), zero_division=0)
+    assert trainer.callback_metrics["train/acc"].item() == pytest.approx(expected_acc, abs=1e-6)
+    assert trainer.callback_metrics["train/f1"].item() == pytest.approx(expected_f1, abs=1e-6)
+
+
+def test_monitor_val_loss_keeps_the_lowest_checkpoint(make_cfg):
+    cfg = make_cfg(
+        "backbone=small_cnn",
+        "strategy=scratch",
+        "monitor=val/loss",
+        "trainer.max_epochs=3",
+        "module.optimizer.lr=0.05",
+    )
+    best = train(cfg)
+    rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("val/loss")
+    val_losses = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert len(val_losses) == 3 and len(set(val_losses)) == 3, val_losses
+    assert best == pytest.approx(min(val_losses))
+    assert _metrics(cfg)["best"] == {"val/loss": best}
+    assert torch.load(_metrics(cfg)["best_checkpoint"], weights_only=True)["epoch"] == val_losses.index(best)
+
+
+def test_diverging_run_stops_and_reports_no_success(make_cfg):
+    cfg = make_cfg("strategy=full_finetune", "module.optimizer.lr=1e30", "++trainer.limit_train_batches=6")
+    with pytest.raises(FloatingPointError, match=r"loss is not finite.*module\.optimizer\.lr \(now 1e\+30\)"):
+        train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert not (out / "metrics.json").exists()
+    assert list(out.rglob("*.ckpt")) == [], "no checkpoint of a diverged model"
+
+
+def test_logger_none_works_with_the_default_callbacks(make_cfg):
+    cfg = make_cfg("logger=none")
+    assert cfg.callbacks.lr_monitor is not None
+    train(cfg)
+    assert _metrics(cfg)["test"]["test/acc"] >= 0.0
