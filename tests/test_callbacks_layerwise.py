@@ -49,6 +49,8 @@ SCHEDULERS = {
         ({"decay": 1.5}, r"in \(0, 1\]"),
         ({"lrs": {"backbone.0": -1}}, ">= 0"),
         ({"lrs": {"backbone.(": 0.1}}, "not a valid regex"),
+        ({"layer_groups": {"low": []}}, r"`layer_groups\['low'\]` must be a non-empty list"),
+        ({"layer_groups": ["backbone.0"]}, "must be None or a non-empty mapping"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
