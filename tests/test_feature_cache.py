@@ -1,12 +1,21 @@
 import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback
+from torch import nn
 from torch.utils.data import TensorDataset
 
-from tl_lightning.backbones import small_cnn
-from tl_lightning.feature_cache import extract_features
+from tl_lightning.backbones import small_cnn, timm_backbone
+from tl_lightning.callbacks import Freeze, GradualUnfreeze, LayerwiseLR
+from tl_lightning.data import DigitsDataModule
+from tl_lightning.feature_cache import cache_applies, cache_key, extract_features
+from tl_lightning.heads import LinearHead
+from tl_lightning.module import TransferModule
 from tl_lightning.pipeline import train
 
 LONGER = [
@@ -66,3 +75,156 @@ def test_disk_cache_is_keyed_by_weights_and_inputs(tmp_path):
     extract_features(backbone, data, 4, tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 3, "new inputs and new weights get new keys"
     assert backbone.training, "train mode restored"
+
+
+def test_disk_cache_is_keyed_by_architecture_settings(tmp_path):
+    """Same weights, same inputs, ``global_pool`` max vs avg: different keys, each gets its own features."""
+    torch.manual_seed(0)
+    max_pool = timm_backbone("resnet18", pretrained=False, global_pool="max")
+    avg_pool = timm_backbone("resnet18", pretrained=False, global_pool="avg")
+    avg_pool.load_state_dict(max_pool.state_dict())
+    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.arange(4))
+    assert cache_key(max_pool, data, 2) != cache_key(avg_pool, data, 2)
+    extract_features(max_pool, data, 2, tmp_path)
+    served = extract_features(avg_pool, data, 2, tmp_path).tensors[0]
+    with torch.no_grad():
+        expected = avg_pool.eval()(data.tensors[0])
+    torch.testing.assert_close(served, expected)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_disk_cache_is_keyed_by_build_config_and_preprocessing(tmp_path):
+    backbone = small_cnn()
+    data = TensorDataset(torch.randn(4, 3, 16, 16), torch.arange(4))
+    keys = {
+        cache_key(backbone, data, 2, {"backbone": {"drop_rate": 0.0}}),
+        cache_key(backbone, data, 2, {"backbone": {"drop_rate": 0.2}}),
+        cache_key(backbone, data, 2, {"backbone": {"drop_rate": 0.0}, "data_config": {"mean": [0.5]}}),
+    }
+    assert len(keys) == 3
+    assert cache_key(backbone, data, 2) == cache_key(backbone, data, 3), "batch size is not part of the key"
+
+
+def _module() -> TransferModule:
+    backbone = small_cnn(channels=(4, 8))
+    return TransferModule(backbone, LinearHead(8, 10), 10, torch.optim.SGD)
+
+
+class _DeclaresUnfreezing(Callback):
+    changes_trainability = True
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "augment", "expected"),
+    [
+        (lambda: [Freeze("backbone")], False, True),
+        (
+            lambda: [Freeze(["backbone.model.0", "backbone.model.1"]), LayerwiseLR("backbone", decay=0.5)],
+            False,
+            True,
+        ),
+        (lambda: [Freeze("backbone")], True, False),
+        (lambda: [], False, False),
+        (lambda: [Freeze("backbone.model.0")], False, False),
+        (lambda: [Freeze("backbone", train_bn=True)], False, False),
+        (lambda: [Freeze("backbone"), GradualUnfreeze(milestones=[1])], False, False),
+        (lambda: [Freeze("backbone"), _DeclaresUnfreezing()], False, False),
+        (lambda: [Freeze("backbone"), BackboneFinetuning(unfreeze_backbone_at_epoch=1)], False, False),
+    ],
+    ids=[
+        "frozen",
+        "frozen_in_parts_lr_only",
+        "augmented",
+        "not_frozen",
+        "partly_frozen",
+        "norms_train",
+        "gradual_unfreeze",
+        "declared_by_any_callback",
+        "lightning_finetuning",
+    ],
+)
+def test_cache_applies_only_when_the_whole_backbone_stays_frozen(callbacks, augment, expected):
+    data = DigitsDataModule(small_cnn().data_config, image_size=8, augment=augment)
+    assert cache_applies(callbacks(), data, _module()) is expected
+
+
+@pytest.fixture
+def fine_thread_switching():
+    """Interleave threads every 10 microseconds (instead of 5 ms) for the duration of a test."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.usefixtures("fine_thread_switching")
+def test_concurrent_writers_of_one_key_never_collide(tmp_path):
+    """DDP ranks extract the same split at once: each writes its own temp file, then renames.
+
+    With one shared temp name, 40 rounds of 4 threads lose a rename (FileNotFoundError) 3-5 times.
+    """
+    backbone = nn.Flatten()
+    errors, barrier = [], threading.Barrier(4)
+
+    def extract(round_data):
+        barrier.wait()
+        try:
+            extract_features(backbone, round_data, 64, tmp_path)
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    for round_index in range(40):
+        round_data = TensorDataset(torch.full((64, 3, 32, 32), float(round_index)), torch.arange(64))
+        threads = [threading.Thread(target=extract, args=(round_data,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert extract_features(backbone, round_data, 64, tmp_path).tensors[0].eq(round_index).all()
+    assert errors == []
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".safetensors"] * 40, "no temp file left"
+
+
+PEAK_RSS_SCRIPT = """
+import resource, sys, tempfile
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tl_lightning.feature_cache import extract_features
+
+class Images(Dataset):  # generated on demand: only what the extraction holds is in memory
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(index)), index % 10
+
+pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+extract_features(pool, torch.utils.data.Subset(Images(), range(64)), 64)  # warm up torch's allocations
+with open("/proc/self/statm") as statm:
+    before_kib = int(statm.read().split()[1]) * resource.getpagesize() / 1024
+extract_features(pool, Images(), 64, tempfile.mkdtemp() if sys.argv[1] == "disk" else None)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib) / 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set size from /proc")
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_extraction_holds_one_batch_not_the_split(mode):
+    """1,000 images at 128 px are 188 MiB of inputs; hashing and extraction hold one batch (12 MiB)."""
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, mode], capture_output=True, text=True, check=True
+    )
+    peak_growth_mib = float(result.stdout.split()[-1])
+    assert peak_growth_mib < 80, f"peak RSS grew by {peak_growth_mib:.0f} MiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_features_are_computed_on_the_given_device(tmp_path):
+    backbone = small_cnn()
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8))
+    seen = []
+    backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    features = extract_features(backbone, data, 4, tmp_path, device="cuda").tensors[0]
+    assert seen == ["cuda", "cuda"] and features.device.type == "cpu"
+    assert next(backbone.parameters()).device.type == "cpu", "the backbone goes back where it was"

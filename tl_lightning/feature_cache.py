@@ -2,98 +2,246 @@
 
 Valid only when the backbone is frozen and in eval mode for the whole run and the training inputs
 are deterministic (no random augmentation): then every epoch would recompute the same features.
-The pipeline checks both conditions (:func:`cache_applies`) before wrapping the data.
+The pipeline checks this positively (:func:`cache_applies`) before wrapping the data: a ``Freeze``
+callback covers every backbone parameter, and no callback declares that it changes trainability
+(``changes_trainability = True``, as ``GradualUnfreeze`` and Lightning's ``BaseFinetuning`` do).
 
-On disk, features are stored as safetensors under a key hashing the backbone's weights and
-buffers *and* the exact input tensors (so the data and its transform are both covered).
+On disk, features are stored as safetensors under a key hashing the backbone's architecture
+(module tree, every module's plain settings such as ``pool_type`` or ``drop_rate``, and the config it
+was built from), its weights and buffers by name, the preprocessing, *and* the exact input tensors,
+so the data and its transform are covered too. Inputs are hashed and embedded batch by batch: only
+one batch of images is ever held in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from tl_lightning.callbacks import Freeze, GradualUnfreeze
+from tl_lightning._modes import eval_mode
+from tl_lightning.callbacks import Freeze
+from tl_lightning.callbacks._select import selected_parameters
 from tl_lightning.data.base import ClassificationDataModule
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "off", "memory", "disk")
+_PLAIN = (bool, int, float, str, type(None))
 
 
-def cache_applies(callbacks: Sequence[pl.Callback], datamodule: ClassificationDataModule) -> bool:
-    """Whether the run keeps the whole backbone frozen and in eval mode on deterministic inputs.
+def changes_trainability(callback: pl.Callback) -> bool:
+    """Whether ``callback`` declares that it may make frozen parameters trainable during the run.
 
-    True when a ``Freeze`` callback selects ``backbone`` with ``train_bn=False`` and no callback
-    that changes trainability later (``GradualUnfreeze``) is present.
+    A callback declares it with a ``changes_trainability = True`` attribute; Lightning's
+    ``BaseFinetuning`` subclasses exist to unfreeze, so they count as declaring it.
     """
-    frozen = any(isinstance(c, Freeze) and "backbone" in c.modules and not c.train_bn for c in callbacks)
-    unfreezes = any(isinstance(c, GradualUnfreeze) for c in callbacks)
-    return frozen and not unfreezes and datamodule.deterministic_train
+    return bool(getattr(callback, "changes_trainability", False)) or isinstance(callback, BaseFinetuning)
 
 
-def _fingerprint(*tensors: torch.Tensor) -> hashlib.sha256:
+def cache_applies(
+    callbacks: Sequence[pl.Callback], datamodule: ClassificationDataModule, module: nn.Module
+) -> bool:
+    """Whether the run keeps ``module.backbone`` frozen and in eval mode on deterministic inputs.
+
+    Decided positively: every backbone parameter is selected by a ``Freeze`` callback with
+    ``train_bn=False`` (which freezes it and keeps the module in eval mode for the whole run), no
+    callback declares :func:`changes_trainability`, and the training inputs are deterministic.
+
+    Args:
+        callbacks: The run's callbacks.
+        datamodule: The image data module.
+        module: The ``LightningModule`` whose ``backbone`` attribute would be cached.
+    """
+    if not datamodule.deterministic_train or any(changes_trainability(c) for c in callbacks):
+        return False
+    backbone = getattr(module, "backbone", None)
+    if backbone is None:
+        return False
+    frozen: set[int] = set()
+    for callback in callbacks:
+        if isinstance(callback, Freeze) and not callback.train_bn:
+            frozen.update(id(p) for p in selected_parameters(module, callback.modules).values())
+    return all(id(p) in frozen for p in backbone.parameters())
+
+
+def _plain(value: object) -> object:
+    """``value`` if it is plain data (recursively), else ``None``: never an object's address."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return None
+
+
+def architecture(backbone: nn.Module) -> str:
+    """A deterministic description of the module tree and every module's plain settings.
+
+    Covers what the weights do not: ``global_pool="max"`` vs ``"avg"``, dropout rates, activation
+    choices, flags held as attributes. The train/eval flag is left out (features are always
+    computed in eval mode).
+    """
+    modules = []
+    for name, sub in backbone.named_modules():
+        settings = {k: _plain(v) for k, v in vars(sub).items() if not k.startswith("_") and k != "training"}
+        modules.append([name, f"{type(sub).__module__}.{type(sub).__qualname__}", sub.extra_repr(), settings])
+    return json.dumps(modules, sort_keys=True, default=str)
+
+
+def _update(digest: hashlib.sha256, tensor: torch.Tensor) -> None:
+    digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, labels)`` batches in order, stacked into one reused buffer (valid until the next batch).
+
+    One buffer instead of a new batch per step: the allocator then has nothing to fragment, so the
+    peak memory stays at one batch (a fresh batch per step let glibc's heap grow by up to the whole
+    split). The run's global RNG stream is left untouched.
+
+    Raises:
+        ValueError: If a sample's shape or dtype differs from the first sample's, naming its index.
+    """
+    buffer: torch.Tensor | None = None
+    with torch.random.fork_rng(devices=[]):
+        for start in range(0, len(dataset), batch_size):
+            indices = range(start, min(start + batch_size, len(dataset)))
+            labels = []
+            for row, index in enumerate(indices):
+                image, label = dataset[index]
+                if buffer is None:
+                    buffer = torch.empty((batch_size, *image.shape), dtype=image.dtype)
+                if image.shape != buffer.shape[1:] or image.dtype != buffer.dtype:
+                    raise ValueError(
+                        f"sample {index} is {image.dtype} {tuple(image.shape)}, sample 0 was "
+                        f"{buffer.dtype} {tuple(buffer.shape[1:])}: features need equal-size inputs"
+                    )
+                buffer[row].copy_(image)
+                labels.append(torch.as_tensor(label))
+            yield buffer[: len(indices)], torch.stack(labels)
+
+
+def cache_key(backbone: nn.Module, dataset: Dataset, batch_size: int, config: Mapping | None = None) -> str:
+    """Hash of the backbone (architecture, ``config``, named weights and buffers) and every input and label.
+
+    Args:
+        backbone: The feature extractor.
+        dataset: Yields ``(input, label)`` deterministically; read batch by batch.
+        batch_size: Samples per batch while hashing (does not change the key).
+        config: What the backbone was built from and the preprocessing, as plain data.
+    """
     digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest
+    digest.update(architecture(backbone).encode())
+    digest.update(json.dumps(_plain(config or {}), sort_keys=True).encode())
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        _update(digest, tensor)
+    for inputs, labels in _batches(dataset, batch_size):
+        for i in range(len(labels)):  # per sample, so the batch size does not change the key
+            _update(digest, inputs[i])
+            _update(digest, labels[i])
+    return digest.hexdigest()[:32]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @torch.no_grad()
+def _embed(backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> TensorDataset:
+    """Features (on the CPU) and labels of ``dataset``, computed batch by batch on ``device`` in eval mode."""
+    home = _device_of(backbone)
+    features, labels = [], []
+    with eval_mode(backbone):
+        try:
+            backbone.to(device)
+            for inputs, targets in _batches(dataset, batch_size):
+                features.append(
+                    backbone(inputs.to(device)).to("cpu", copy=True)
+                )  # never a view of the buffer
+                labels.append(targets)
+        finally:
+            backbone.to(home)
+    return TensorDataset(torch.cat(features), torch.cat(labels))
+
+
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write under a name unique to this process, then rename: concurrent ranks never share a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def extract_features(
-    backbone: nn.Module, dataset: Dataset, batch_size: int, cache_dir: Path | None = None
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    cache_dir: str | Path | None = None,
+    *,
+    config: Mapping | None = None,
+    device: torch.device | str | None = None,
 ) -> TensorDataset:
     """Features and labels of every sample of ``dataset``, in order, from ``backbone`` in eval mode.
 
     Args:
-        backbone: Maps inputs to feature vectors; put in eval mode for the call and restored.
-        dataset: Yields ``(input, label)`` deterministically.
+        backbone: Maps inputs to feature vectors; put in eval mode (and on ``device``) for the call,
+            then restored.
+        dataset: Yields ``(input, label)`` deterministically; read batch by batch, never all at once.
         batch_size: Samples per forward pass.
-        cache_dir: When given, reuse or write ``<key>.safetensors`` there.
+        cache_dir: When given, reuse or write ``<key>.safetensors`` there (see :func:`cache_key`).
+        config: Plain-data description of how the backbone was built and of the preprocessing; part
+            of the key.
+        device: Where the forward passes run (the training device); default: the backbone's.
 
     Returns:
-        A ``TensorDataset(features, labels)``.
+        A ``TensorDataset(features, labels)`` on the CPU.
+
+    Example::
+
+        train = extract_features(backbone, data.train_set, 256, ".cache/features", device="cuda")
     """
-    with torch.random.fork_rng():  # iterating a DataLoader draws a seed: keep the run's RNG stream intact
-        inputs, labels = zip(*DataLoader(dataset, batch_size=batch_size, shuffle=False), strict=True)
-    labels = torch.cat(labels)
-    path = None
-    if cache_dir is not None:
-        key = _fingerprint(*backbone.state_dict().values(), *inputs, labels).hexdigest()[:32]
-        path = Path(cache_dir) / f"{key}.safetensors"
-        if path.is_file():
-            log.info("feature cache hit: %s", path)
-            stored = load_file(path)
-            return TensorDataset(stored["features"], stored["labels"])
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        features = torch.cat([backbone(x) for x in inputs])
-    finally:
-        backbone.train(was_training)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, tmp)
-        tmp.replace(path)  # atomic: a crashed run never leaves a truncated cache file
-    return TensorDataset(features, labels)
+    device = torch.device(device) if device is not None else _device_of(backbone)
+    if cache_dir is None:
+        return _embed(backbone, dataset, batch_size, device)
+    path = Path(cache_dir) / f"{cache_key(backbone, dataset, batch_size, config)}.safetensors"
+    if path.is_file():
+        log.info("feature cache hit: %s", path)
+        stored = load_file(path)
+        return TensorDataset(stored["features"], stored["labels"])
+    embedded = _embed(backbone, dataset, batch_size, device)
+    _save_atomically({"features": embedded.tensors[0], "labels": embedded.tensors[1]}, path)
+    return embedded
 
 
 class CachedFeatureDataModule(ClassificationDataModule):
     """Wraps a data module so that every split yields backbone features instead of images.
 
+    Features are computed in ``setup()``, on the trainer's device when a trainer runs it.
+
     Args:
         datamodule: The image data module (deterministic training inputs).
         backbone: The frozen backbone whose features are cached.
         cache_dir: Directory for the on-disk cache; ``None`` keeps features in memory only.
+        config: Plain-data description of how the backbone was built (e.g. the ``backbone`` config
+            node); part of the on-disk key together with the preprocessing.
 
     Raises:
         ValueError: If ``datamodule`` applies random training augmentation.
@@ -104,7 +252,11 @@ class CachedFeatureDataModule(ClassificationDataModule):
     """
 
     def __init__(
-        self, datamodule: ClassificationDataModule, backbone: nn.Module, cache_dir: str | Path | None = None
+        self,
+        datamodule: ClassificationDataModule,
+        backbone: nn.Module,
+        cache_dir: str | Path | None = None,
+        config: Mapping | None = None,
     ) -> None:
         if not datamodule.deterministic_train:
             raise ValueError("feature caching needs deterministic training inputs; set data.augment=false")
@@ -112,6 +264,7 @@ class CachedFeatureDataModule(ClassificationDataModule):
         self.source = datamodule
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.config = {"backbone": dict(config or {}), "data_config": datamodule.data_config.as_dict()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -119,6 +272,8 @@ class CachedFeatureDataModule(ClassificationDataModule):
         self.source.setup(stage)
         self.class_names = list(self.source.class_names)
         self.probe_set = self.source.probe_set  # images: SourceRetention runs the backbone itself
-        self.train_set = extract_features(self.backbone, self.source.train_set, 256, self.cache_dir)
-        self.val_set = extract_features(self.backbone, self.source.val_set, 256, self.cache_dir)
-        self.test_set = extract_features(self.backbone, self.source.test_set, 256, self.cache_dir)
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        self.train_set, self.val_set, self.test_set = (
+            extract_features(self.backbone, split, 256, self.cache_dir, config=self.config, device=device)
+            for split in (self.source.train_set, self.source.val_set, self.source.test_set)
+        )
