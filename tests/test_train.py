@@ -93,6 +93,7 @@ def test_ddp_cpu_two_processes_one_output_dir(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "one output directory, not one per rank"
+    assert not (run_dir / ".run.lock").exists(), "rank 0 took and released the lock; rank 1 did not fight"
 
 
 def test_train_accuracy_and_f1_are_logged_over_the_whole_epoch(tmp_path):
