@@ -8,14 +8,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -386,6 +386,56 @@ def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> to
         head_cfg, [k for k in head_cfg if k not in ("in_features", "num_classes")]
     )
     return instantiate(head_cfg, in_features=num_features, num_classes=num_classes)
+
+
+def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
+    """The module a run's resolved config describes, to load a trained checkpoint into.
+
+    The checkpoint holds every weight, so the backbone is built with ``pretrained=false`` (nothing
+    is downloaded or read), a backbone wrapping another (``backbone=from_checkpoint``) is built from
+    its inner ``backbone`` node, and no source head is attached (it only comes with pretrained
+    weights and is not part of the fine-tuned model).
+
+    Args:
+        config: ``checkpoint["tl_lightning"]["config"]`` (plain data, interpolations resolved).
+        num_classes: Number of target classes (``len(class_names)``).
+
+    Raises:
+        ValueError: If ``config`` lacks the ``backbone``, ``head`` or ``module`` node, naming it.
+    """
+    cfg = OmegaConf.create(config)
+    missing = [key for key in ("backbone", "head", "module") if not isinstance(cfg.get(key), DictConfig)]
+    if missing:
+        raise ValueError(f"the stored run config has no {missing} node; it needs backbone, head and module")
+    node = cfg.backbone
+    while isinstance(node.get("backbone"), DictConfig) and "_target_" in node.backbone:
+        node = node.backbone
+    if "pretrained" in node:
+        node = OmegaConf.merge(node, {"pretrained": False})
+    backbone = instantiate(node)
+    backbone.pop_source_head()
+    head = _build_head(cfg.head, backbone.num_features, num_classes)
+    return instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
+
+
+def rebuild_transform(config: dict, data_config: dict) -> Callable:
+    """PIL image -> model input, as the run's data module prepared its evaluation images.
+
+    Asks the class that ``config["data"]["_target_"]`` names (``eval_transform``), without building
+    the data module: its data need not exist where the trained model is used.
+
+    Raises:
+        ValueError: If the stored ``data._target_`` has no ``eval_transform``, naming it.
+    """
+    data = config.get("data") or {}
+    target = data.get("_target_")
+    data_class = get_class(target) if target else None
+    if not callable(getattr(data_class, "eval_transform", None)):
+        raise ValueError(
+            f"data._target_={target!r} in the stored config has no eval_transform(data_config, image_size); "
+            "derive the data module from tl_lightning.data.ClassificationDataModule"
+        )
+    return data_class.eval_transform(data_config, data.get("image_size"))
 
 
 def _instantiate_group(group: DictConfig | None, key: str) -> list:

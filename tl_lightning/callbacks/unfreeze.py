@@ -82,6 +82,8 @@ class GradualUnfreeze(Callback):
         trainer = Trainer(callbacks=[GradualUnfreeze(milestones=[2, 3, 4], warmup_steps=100)])
     """
 
+    changes_trainability = True  # declares that frozen parameters become trainable during the run
+
     def __init__(
         self,
         modules: ModuleSelector = "backbone",

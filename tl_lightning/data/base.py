@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from tl_lightning.backbones import DataConfig
+from tl_lightning.data.transforms import image_transform
 
 
 def as_data_config(data_config: DataConfig | dict) -> DataConfig:
@@ -164,6 +165,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.test_set: Dataset | None = None
         self.probe_set: Dataset | None = None
         self.class_names: list[str] = []
+
+    @classmethod
+    def eval_transform(cls, data_config: DataConfig | dict, image_size: int | None = None) -> Callable:
+        """How a new image (PIL) becomes a model input, as this data module prepares its evaluation images.
+
+        ``predict.py`` calls it on the class a checkpoint's ``data._target_`` names, without building
+        the data module (its data need not exist where the model is used).
+        """
+        return image_transform(as_data_config(data_config), train=False, augment=False, image_size=image_size)
 
     @property
     def num_classes(self) -> int:

@@ -10,10 +10,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.data.base import ClassificationDataModule, check_split, take_per_class
+from tl_lightning.data.base import ClassificationDataModule, as_data_config, check_split, take_per_class
 
 
 class _AugmentedImages(Dataset):
@@ -146,6 +146,27 @@ class DigitsDataModule(ClassificationDataModule):
             random_state=self.split_seed,
         )
         return images, labels, train_idx, val_idx, test_idx
+
+    @classmethod
+    def eval_transform(cls, data_config: DataConfig | dict, image_size: int | None = None) -> v2.Compose:
+        """A new scan (PIL, bright ink on dark like the originals) -> input, as the splits are made.
+
+        Grey levels in ``[0, 1]``, the whole image upsampled (no crop) with the backbone's interpolation
+        and clamped, copied to 3 channels, normalised.
+        """
+        config = as_data_config(data_config)
+        size = image_size or config.input_size[-1]
+        interpolation = InterpolationMode(config.interpolation)
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Grayscale(1),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Resize((size, size), interpolation=interpolation, antialias=False),
+                v2.Lambda(lambda image: image.clamp(0.0, 1.0).expand(3, -1, -1)),
+                v2.Normalize(list(config.mean), list(config.std)),
+            ]
+        )
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, 8, 8)`` in ``[0, 1]`` -> ``(N, 3, S, S)`` in ``[0, 1]`` with the backbone's interpolation."""
