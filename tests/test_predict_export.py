@@ -115,6 +115,7 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     properties = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
     assert properties["class_names"] == model.class_names
     assert properties["data_config"]["mean"] == list(model.data_config.mean)
+    assert properties["image_size"] == IMAGE_SIZE and properties["data"].endswith("DigitsDataModule")
 
 
 def test_safetensors_export_round_trips(checkpoint, digit_files, tmp_path):

@@ -287,8 +287,9 @@ def export_safetensors(model: TrainedModel, output: str | Path) -> Path:
 def export_onnx(model: TrainedModel, output: str | Path) -> Path:
     """Write an ONNX graph: ``images`` (normalised, ``(batch, 3, S, S)``) -> ``logits``.
 
-    The batch dimension is dynamic; class names and the preprocessing are stored as the graph's
-    metadata properties ``class_names`` and ``data_config`` (JSON).
+    The batch dimension is dynamic. The graph's metadata properties (JSON) hold what a server needs
+    around it: ``class_names``, ``data_config`` (mean, std, interpolation, crop), ``image_size`` and
+    ``data`` (the data module whose ``eval_transform`` prepared the training run's images).
     """
     import onnx
 
@@ -305,7 +306,13 @@ def export_onnx(model: TrainedModel, output: str | Path) -> Path:
         verbose=False,
     )
     proto = program.model_proto
-    for key, value in (("class_names", model.class_names), ("data_config", model.data_config.as_dict())):
+    properties = {
+        "class_names": model.class_names,
+        "data_config": model.data_config.as_dict(),
+        "image_size": model.image_size,
+        "data": (model.metadata["config"].get("data") or {}).get("_target_"),
+    }
+    for key, value in properties.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(proto, str(output))
     return output
