@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.nn import functional as F
@@ -20,7 +21,7 @@ from tl_lightning.inference import (
     predict,
     predict_to_file,
 )
-from tl_lightning.pipeline import train
+from tl_lightning.pipeline import rebuild_module, train
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 32
@@ -78,6 +79,23 @@ def test_checkpoint_rebuilds_the_trained_module(checkpoint):
     assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
     assert model.class_names == [str(d) for d in range(10)]
     assert model.image_size == IMAGE_SIZE and not model.module.training
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        ["backbone=timm", "backbone.model_name=resnet18", "backbone.pretrained=true"],  # would download
+        ["backbone=source_checkpoint", "backbone.path=nowhere/last.ckpt"],  # would read the source run
+    ],
+    ids=["timm_pretrained", "source_checkpoint"],
+)
+def test_rebuilding_reads_no_pretrained_weights(tmp_path, backbone):
+    """The checkpoint holds every weight: rebuilding downloads nothing and reads no other file."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*backbone, f"paths.output_dir={tmp_path}"])
+    module = rebuild_module(OmegaConf.to_container(cfg, resolve=True), num_classes=3)
+    assert module.heads["target"](torch.zeros(1, module.backbone.num_features)).shape == (1, 3)
+    assert "source" not in module.heads
 
 
 def test_predictions_use_the_runs_own_preprocessing(checkpoint, digit_files):
