@@ -234,7 +234,8 @@ def extract_features(
 class CachedFeatureDataModule(ClassificationDataModule):
     """Wraps a data module so that every split yields backbone features instead of images.
 
-    Features are computed in ``setup()``, on the trainer's device when a trainer runs it.
+    Features are computed in ``setup()``, on the trainer's device when a trainer runs it, in batches of
+    the wrapped data module's ``batch_size``.
 
     Args:
         datamodule: The image data module (deterministic training inputs).
@@ -273,7 +274,10 @@ class CachedFeatureDataModule(ClassificationDataModule):
         self.class_names = list(self.source.class_names)
         self.probe_set = self.source.probe_set  # images: SourceRetention runs the backbone itself
         device = self.trainer.strategy.root_device if self.trainer is not None else None
+        batch_size = self.source.batch_size  # what training fits in memory; activations dominate the peak
         self.train_set, self.val_set, self.test_set = (
-            extract_features(self.backbone, split, 256, self.cache_dir, config=self.config, device=device)
+            extract_features(
+                self.backbone, split, batch_size, self.cache_dir, config=self.config, device=device
+            )
             for split in (self.source.train_set, self.source.val_set, self.source.test_set)
         )
