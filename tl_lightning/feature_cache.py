@@ -15,6 +15,7 @@ one batch of images is ever held in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -79,6 +80,8 @@ def _plain(value: object) -> object:
     """``value`` if it is plain data (recursively), else ``None``: never an object's address."""
     if isinstance(value, _PLAIN):
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))  # e.g. a Backbone's DataConfig
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
