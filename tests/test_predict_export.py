@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch.nn import functional as F
 
@@ -200,6 +201,12 @@ def _bad_checkpoint(kind: str, tmp_path: Path, checkpoint: Path) -> Path:
         torch.save({"state_dict": {}, "payload": _Payload()}, path)
     elif kind == "truncated":
         path.write_bytes(checkpoint.read_bytes()[:1000])
+    elif kind == "unknown_backbone":
+        stored["tl_lightning"]["config"]["backbone"]["_target_"] = "tl_lightning.backbones.gone"
+        torch.save(stored, path)
+    elif kind == "plain_safetensors":
+        path = path.with_suffix(".safetensors")
+        save_file({k: v.contiguous() for k, v in stored["state_dict"].items()}, str(path))
     return path
 
 
@@ -212,6 +219,8 @@ def _bad_checkpoint(kind: str, tmp_path: Path, checkpoint: Path) -> Path:
         ("other_model", ValueError, ["other_model.ckpt", "missing"]),
         ("pickle", ValueError, ["pickle.ckpt", "weights_only"]),
         ("truncated", ValueError, ["truncated.ckpt"]),
+        ("unknown_backbone", ValueError, ["unknown_backbone.ckpt", "tl_lightning.backbones.gone"]),
+        ("plain_safetensors", ValueError, ["plain_safetensors.safetensors", "tl_lightning"]),
     ],
 )
 def test_bad_checkpoints_are_named(checkpoint, tmp_path, kind, error, names):

@@ -85,7 +85,12 @@ def load_trained(path: str | Path) -> TrainedModel:
         checkpoint = load_checkpoint(path)
         metadata, state_dict = checkpoint.get(METADATA_KEY), checkpoint.get("state_dict")
     _check_metadata(metadata, state_dict, path)
-    module = rebuild_module(metadata["config"], len(metadata["class_names"]))
+    try:
+        module = rebuild_module(metadata["config"], len(metadata["class_names"]))
+    except Exception as error:  # Hydra wraps the factory's error; add which file's config failed
+        raise ValueError(
+            f"{str(path)!r}: cannot rebuild the model its stored config describes: {error}"
+        ) from error
     _load_weights(module, state_dict, path)
     data_config = as_data_config(metadata["data_config"])
     image_size = (metadata["config"].get("data") or {}).get("image_size") or data_config.input_size[-1]
@@ -99,9 +104,10 @@ def _read_safetensors(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]
         with safe_open(str(path), framework="pt") as f:
             stored = (f.metadata() or {}).get(METADATA_KEY)
         state_dict = load_file(str(path))
+        metadata = json.loads(stored) if stored else None
     except Exception as error:  # safetensors raises its own error types for bad headers
         raise ValueError(f"model file {str(path)!r} is not a readable safetensors file: {error}") from error
-    return (json.loads(stored) if stored else None), state_dict
+    return metadata, state_dict
 
 
 def _check_metadata(metadata: dict | None, state_dict: dict | None, path: Path) -> None:
