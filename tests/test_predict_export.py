@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -119,8 +121,6 @@ def test_predictions_use_the_runs_own_preprocessing(checkpoint, digit_files):
 
 
 def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
     model = load_trained(checkpoint)
     path = export(model, "onnx", tmp_path / "model.onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
