@@ -49,9 +49,13 @@ class LayerwiseLR(Callback):
         layer_groups: ``{group name: [parameter/module paths or regexes]}`` ordered input -> output,
             overriding the modules' own ``layer_groups()`` / children order.
 
+    The factors are checkpointed by layer-group name; resuming with other factors is an error, since the
+    saved optimizer state was scaled with the old ones.
+
     Raises:
         ValueError: If ``decay`` or an ``lrs`` factor is out of range or an ``lrs`` key is not a valid
-            regex; in ``setup()``, if an ``lrs`` key matches no layer group (the message lists them).
+            regex; in ``setup()``, if an ``lrs`` key matches no layer group (the message lists them); on
+            resume, if the checkpoint's factors differ from this run's.
         AttributeError: In ``setup()``, if a selector matches no module.
 
     Example::
@@ -92,6 +96,23 @@ class LayerwiseLR(Callback):
         self._layers = layer_parameters(pl_module, names)
         self.factors = self._factors(list(names))
         self._logged_step = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"factors": dict(self.factors)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["factors"] != self.factors:
+            raise ValueError(
+                f"the checkpoint's {type(self).__name__} factors {state_dict['factors']} differ from this "
+                f"run's {self.factors}: the saved optimizer state was scaled with the former"
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
