@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from resume_helpers import last_weights
 
 from tl_lightning.backbones import DataConfig
 from tl_lightning.data import ImageFolderDataModule
@@ -64,22 +64,6 @@ def test_batches_do_not_depend_on_workers_or_on_earlier_epochs(folder):
     assert torch.equal(_epoch(with_workers, 1), epoch_1), "workers drew other augmentations"
 
 
-class StopAfterEpoch(pl.Callback):
-    """Ends ``fit`` after epoch ``epoch`` (0-based), once last.ckpt is written: an interruption."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
-def _weights(cfg) -> dict[str, torch.Tensor]:
-    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    return torch.load(path, weights_only=True)["state_dict"]
-
-
 def test_resume_with_augmentation_reproduces_uninterrupted_run(make_cfg, folder):
     run = [
         "backbone=small_cnn",
@@ -100,7 +84,7 @@ def test_resume_with_augmentation_reproduces_uninterrupted_run(make_cfg, folder)
     train(straight)
     cut = make_cfg(
         *run,
-        "+callbacks.stop._target_=test_augment_resume.StopAfterEpoch",
+        "+callbacks.stop._target_=resume_helpers.StopAfterEpoch",
         "+callbacks.stop.epoch=0",
         run="cut",
     )
@@ -108,8 +92,10 @@ def test_resume_with_augmentation_reproduces_uninterrupted_run(make_cfg, folder)
     checkpoint = Path(cut.paths.output_dir) / "checkpoints" / "last.ckpt"
     resumed = make_cfg(*run, f"ckpt_path={checkpoint}", run="resumed")
     train(resumed)
-    expected, actual = _weights(straight), _weights(resumed)
+    expected, actual = last_weights(straight), last_weights(resumed)
     assert expected.keys() == actual.keys()
     gaps = {k: (expected[k].float() - actual[k].float()).abs().max().item() for k in expected}
     assert max(gaps.values()) == 0.0, {k: v for k, v in gaps.items() if v > 0}
-    assert any(not torch.equal(expected[k], _weights(cut)[k]) for k in expected if k.startswith("backbone."))
+    assert any(
+        not torch.equal(expected[k], last_weights(cut)[k]) for k in expected if k.startswith("backbone.")
+    )

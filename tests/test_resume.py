@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from resume_helpers import last_weights
 
 from tl_lightning.pipeline import train
 
@@ -22,23 +22,6 @@ RUN = [
 ]
 
 
-class StopAfterEpoch(pl.Callback):
-    """Simulates an interruption: ends ``fit`` after ``epoch`` (0-based), once last.ckpt is written."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
-def _weights(cfg) -> dict[str, torch.Tensor]:
-    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)[
-        "state_dict"
-    ]
-
-
 @pytest.mark.parametrize("stop_after", [0, 1], ids=["at_milestone", "between_milestones"])
 def test_resume_reproduces_uninterrupted_run(make_cfg, stop_after):
     straight = make_cfg(*RUN, run="straight")
@@ -46,7 +29,7 @@ def test_resume_reproduces_uninterrupted_run(make_cfg, stop_after):
 
     interrupted = make_cfg(
         *RUN,
-        "+callbacks.stop._target_=test_resume.StopAfterEpoch",
+        "+callbacks.stop._target_=resume_helpers.StopAfterEpoch",
         f"+callbacks.stop.epoch={stop_after}",
         run="cut",
     )
@@ -56,14 +39,14 @@ def test_resume_reproduces_uninterrupted_run(make_cfg, stop_after):
 
     resumed = make_cfg(*RUN, f"ckpt_path={checkpoint}", run="resumed")
     train(resumed)
-    expected, actual = _weights(straight), _weights(resumed)
+    expected, actual = last_weights(straight), last_weights(resumed)
     assert expected.keys() == actual.keys()
     gaps = {k: (expected[k].float() - actual[k].float()).abs().max().item() for k in expected}
     assert max(gaps.values()) <= 1e-6, {k: v for k, v in gaps.items() if v > 1e-6}
     changed = [
         k
         for k in expected
-        if k.startswith("backbone.") and not torch.equal(expected[k], _weights(interrupted)[k])
+        if k.startswith("backbone.") and not torch.equal(expected[k], last_weights(interrupted)[k])
     ]
     assert changed, "the resumed part must have trained the backbone, or the comparison proves nothing"
 
