@@ -462,7 +462,8 @@ def _check_resume(cfg: DictConfig, module: torch.nn.Module, callbacks: list[pl.C
     checkpoint = load_checkpoint(cfg.ckpt_path)
     check_checkpoint_matches(checkpoint, module, cfg.ckpt_path)
     check_same_strategy(checkpoint, cfg.strategy_name, cfg.allow_strategy_change, cfg.ckpt_path)
-    check_resume_callbacks(checkpoint, callbacks, cfg.ckpt_path)
+    if not cfg.allow_strategy_change:  # a permitted change of strategy drops its callbacks on purpose
+        check_resume_callbacks(checkpoint, callbacks, cfg.ckpt_path)
 
 
 def check_checkpoint_matches(checkpoint: dict, module: torch.nn.Module, path: str) -> None:
