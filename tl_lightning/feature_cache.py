@@ -10,7 +10,8 @@ On disk, features are stored as safetensors under a key hashing the backbone's a
 (module tree, every module's plain settings such as ``pool_type`` or ``drop_rate``, and the config it
 was built from), its weights and buffers by name, the preprocessing, *and* the exact input tensors,
 so the data and its transform are covered too. Inputs are hashed and embedded batch by batch: only
-one batch of images is ever held in memory.
+one batch of images is ever held in memory. Text inputs (a dict of unpadded token tensors per sample)
+are batched by the data module's ``collate_fn`` (dynamic padding) and hashed per sample, unpadded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -108,8 +109,16 @@ def _update(digest: hashlib.sha256, tensor: torch.Tensor) -> None:
     digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+Collate = Callable[[list], tuple]
+
+
+def _batches(
+    dataset: Dataset, batch_size: int, collate: Collate | None = None
+) -> Iterator[tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]]:
     """``(inputs, labels)`` batches in order, stacked into one reused buffer (valid until the next batch).
+
+    With ``collate`` (samples of unequal size, e.g. token sequences), each batch is ``collate`` of its
+    samples instead.
 
     One buffer instead of a new batch per step: the allocator then has nothing to fragment, so the
     peak memory stays at one batch (a fresh batch per step let glibc's heap grow by up to the whole
@@ -122,6 +131,9 @@ def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, 
     with torch.random.fork_rng(devices=[]):
         for start in range(0, len(dataset), batch_size):
             indices = range(start, min(start + batch_size, len(dataset)))
+            if collate is not None:
+                yield collate([dataset[index] for index in indices])
+                continue
             labels = []
             for row, index in enumerate(indices):
                 image, label = dataset[index]
@@ -137,7 +149,31 @@ def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, 
             yield buffer[: len(indices)], torch.stack(labels)
 
 
-def cache_key(backbone: nn.Module, dataset: Dataset, batch_size: int, config: Mapping | None = None) -> str:
+def _update_samples(
+    digest: hashlib.sha256, dataset: Dataset, batch_size: int, collate: Collate | None
+) -> None:
+    """Hash every input and label, per sample, so neither the batch size nor the padding changes the key."""
+    if collate is None:
+        for inputs, labels in _batches(dataset, batch_size):
+            for i in range(len(labels)):
+                _update(digest, inputs[i])
+                _update(digest, labels[i])
+        return
+    for index in range(len(dataset)):
+        inputs, label = dataset[index]
+        for key in sorted(inputs):
+            digest.update(key.encode())
+            _update(digest, inputs[key])
+        _update(digest, torch.as_tensor(label))
+
+
+def cache_key(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    config: Mapping | None = None,
+    collate: Collate | None = None,
+) -> str:
     """Hash of the backbone (architecture, ``config``, named weights and buffers) and every input and label.
 
     Args:
@@ -145,6 +181,7 @@ def cache_key(backbone: nn.Module, dataset: Dataset, batch_size: int, config: Ma
         dataset: Yields ``(input, label)`` deterministically; read batch by batch.
         batch_size: Samples per batch while hashing (does not change the key).
         config: What the backbone was built from and the preprocessing, as plain data.
+        collate: Batches samples whose inputs are dicts of token tensors (see :func:`_batches`).
     """
     digest = hashlib.sha256()
     digest.update(architecture(backbone).encode())
@@ -152,10 +189,7 @@ def cache_key(backbone: nn.Module, dataset: Dataset, batch_size: int, config: Ma
     for name, tensor in backbone.state_dict().items():
         digest.update(name.encode())
         _update(digest, tensor)
-    for inputs, labels in _batches(dataset, batch_size):
-        for i in range(len(labels)):  # per sample, so the batch size does not change the key
-            _update(digest, inputs[i])
-            _update(digest, labels[i])
+    _update_samples(digest, dataset, batch_size, collate)
     return digest.hexdigest()[:32]
 
 
@@ -164,18 +198,29 @@ def _device_of(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def _to(inputs: torch.Tensor | Mapping[str, torch.Tensor], device: torch.device):
+    if isinstance(inputs, Mapping):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
 @torch.no_grad()
-def _embed(backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> TensorDataset:
+def _embed(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    collate: Collate | None = None,
+) -> TensorDataset:
     """Features (on the CPU) and labels of ``dataset``, computed batch by batch on ``device`` in eval mode."""
     home = _device_of(backbone)
     features, labels = [], []
     with eval_mode(backbone):
         try:
             backbone.to(device)
-            for inputs, targets in _batches(dataset, batch_size):
-                features.append(
-                    backbone(inputs.to(device)).to("cpu", copy=True)
-                )  # never a view of the buffer
+            for inputs, targets in _batches(dataset, batch_size, collate):
+                # copy: never a view of the reused buffer
+                features.append(backbone(_to(inputs, device)).to("cpu", copy=True))
                 labels.append(targets)
         finally:
             backbone.to(home)
@@ -201,6 +246,7 @@ def extract_features(
     *,
     config: Mapping | None = None,
     device: torch.device | str | None = None,
+    collate: Collate | None = None,
 ) -> TensorDataset:
     """Features and labels of every sample of ``dataset``, in order, from ``backbone`` in eval mode.
 
@@ -213,6 +259,8 @@ def extract_features(
         config: Plain-data description of how the backbone was built and of the preprocessing; part
             of the key.
         device: Where the forward passes run (the training device); default: the backbone's.
+        collate: Turns a list of samples into a batch, for inputs of unequal size (text data modules'
+            ``collate_fn``: dynamic padding); ``None`` stacks equal-size tensors.
 
     Returns:
         A ``TensorDataset(features, labels)`` on the CPU.
@@ -223,13 +271,13 @@ def extract_features(
     """
     device = torch.device(device) if device is not None else _device_of(backbone)
     if cache_dir is None:
-        return _embed(backbone, dataset, batch_size, device)
-    path = Path(cache_dir) / f"{cache_key(backbone, dataset, batch_size, config)}.safetensors"
+        return _embed(backbone, dataset, batch_size, device, collate)
+    path = Path(cache_dir) / f"{cache_key(backbone, dataset, batch_size, config, collate)}.safetensors"
     if path.is_file():
         log.info("feature cache hit: %s", path)
         stored = load_file(path)
         return TensorDataset(stored["features"], stored["labels"])
-    embedded = _embed(backbone, dataset, batch_size, device)
+    embedded = _embed(backbone, dataset, batch_size, device, collate)
     _save_atomically({"features": embedded.tensors[0], "labels": embedded.tensors[1]}, path)
     return embedded
 
@@ -238,10 +286,11 @@ class CachedFeatureDataModule(ClassificationDataModule):
     """Wraps a data module so that every split yields backbone features instead of images.
 
     Features are computed in ``setup()``, on the trainer's device when a trainer runs it, in batches of
-    the wrapped data module's ``batch_size``.
+    the wrapped data module's ``batch_size`` (collated by its ``collate_fn`` when it has one, as text
+    data modules do).
 
     Args:
-        datamodule: The image data module (deterministic training inputs).
+        datamodule: The image or text data module (deterministic training inputs).
         backbone: The frozen backbone whose features are cached.
         cache_dir: Directory for the on-disk cache; ``None`` keeps features in memory only.
         config: Plain-data description of how the backbone was built (e.g. the ``backbone`` config
@@ -278,9 +327,16 @@ class CachedFeatureDataModule(ClassificationDataModule):
         self.probe_set = self.source.probe_set  # images: SourceRetention runs the backbone itself
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         batch_size = self.source.batch_size  # what training fits in memory; activations dominate the peak
+        collate = getattr(self.source, "collate_fn", None)
         self.train_set, self.val_set, self.test_set = (
             extract_features(
-                self.backbone, split, batch_size, self.cache_dir, config=self.config, device=device
+                self.backbone,
+                split,
+                batch_size,
+                self.cache_dir,
+                config=self.config,
+                device=device,
+                collate=collate,
             )
             for split in (self.source.train_set, self.source.val_set, self.source.test_set)
         )

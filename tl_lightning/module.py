@@ -86,8 +86,9 @@ class TransferModule(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Target-task logits, from images (or from cached backbone features, see ``use_cached_features``)."""
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Target-task logits, from images or a batch of token tensors (``{"input_ids": ..., ...}``),
+        or from cached backbone features (see ``use_cached_features``)."""
         features = x if self.cached_features else self.backbone(x)
         return self.heads["target"](features)
 
@@ -125,15 +126,19 @@ class TransferModule(pl.LightningModule):
         }
 
     def _shared_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection, stage: str
+        self,
+        batch: tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor],
+        metrics: torchmetrics.MetricCollection,
+        stage: str,
     ):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits.detach(), y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train")
+        size = len(y)  # explicit: Lightning cannot infer it from a dict of token tensors
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train", batch_size=size)
         # update() only, so the values are computed over the whole epoch (on_step would need forward())
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 
+from tl_lightning.backbones import TextConfig
 from tl_lightning.callbacks._resume import check_resume_callbacks
 from tl_lightning.checkpointing import (
     METADATA_KEY,
@@ -30,6 +31,7 @@ from tl_lightning.checkpointing import (
     remove_partial_checkpoints,
     run_metadata,
 )
+from tl_lightning.data.text import TextDataModule
 from tl_lightning.feature_cache import MODES, CachedFeatureDataModule, cache_applies
 from tl_lightning.run_guards import FiniteLossGuard
 from tl_lightning.run_lock import RunLock
@@ -70,6 +72,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
 
     backbone = instantiate(cfg.backbone)
+    _check_modality(cfg, backbone)
     datamodule = instantiate(cfg.data, data_config=backbone.data_config)
     datamodule.prepare_data()  # downloads (torchvision data), before the ranks read it in setup()
     datamodule.setup("fit")  # an empty or corrupt dataset stops here, before any model work
@@ -287,6 +290,23 @@ def _run_directory_lock(output_dir: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _check_modality(cfg: DictConfig, backbone: torch.nn.Module) -> None:
+    """Text backbones (``data_config`` a ``TextConfig``) need text data, image backbones image data.
+
+    Raises:
+        ValueError: Naming both ``_target_`` values and the configs that fit.
+    """
+    text_backbone = isinstance(backbone.data_config, TextConfig)
+    text_data = issubclass(get_class(cfg.data._target_), TextDataModule)
+    if text_backbone != text_data:
+        backbone_kind, data_kind = ("text", "image") if text_backbone else ("image", "text")
+        fits = "data=rotten_tomatoes|text_files|hf_dataset" if text_backbone else "backbone=hf_encoder"
+        raise ValueError(
+            f"backbone {cfg.backbone._target_} takes {backbone_kind} but data {cfg.data._target_} gives "
+            f"{data_kind}: use {fits}"
+        )
 
 
 def _with_monitor_mode(cfg: DictConfig, module: torch.nn.Module) -> DictConfig:

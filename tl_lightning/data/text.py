@@ -32,10 +32,15 @@ Table = tuple[list[str], list[str]]  # texts, label names
 
 
 class TokenizedTexts(Dataset):
-    """Token id sequences (unpadded) and integer labels; ``dataset[i]`` is ``({key: LongTensor}, label)``."""
+    """Token id sequences (unpadded) and integer labels; ``dataset[i]`` is ``({key: LongTensor}, label)``.
 
-    def __init__(self, encodings: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> None:
-        self.encodings, self.labels = encodings, labels
+    ``texts`` keeps the raw texts, for baselines that are not transformers and for inspection.
+    """
+
+    def __init__(
+        self, encodings: list[dict[str, torch.Tensor]], labels: torch.Tensor, texts: list[str]
+    ) -> None:
+        self.encodings, self.labels, self.texts = encodings, labels, texts
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -216,7 +221,7 @@ class TextDataModule(ClassificationDataModule):
             )  # fmt: skip
         self.truncated[split] = len(long)
         encodings = [{k: torch.tensor(v, dtype=torch.long) for k, v in sample.items()} for sample in ids]
-        return TokenizedTexts(encodings, torch.as_tensor(labels, dtype=torch.long))
+        return TokenizedTexts(encodings, torch.as_tensor(labels, dtype=torch.long), texts)
 
     def collate_fn(self, samples):
         """Dynamic padding with the tokenizer's pad id (see :func:`pad_batch`)."""
@@ -247,7 +252,9 @@ def _check_texts(texts: list[str], split: str) -> None:
 def _check_labels(names: list[str], labels: np.ndarray, class_names: list[str], split: str) -> None:
     unknown = sorted({name for name, y in zip(names, labels, strict=True) if y < 0})
     if unknown:
-        raise ValueError(f"the {split} split has labels {unknown[:5]} that the training split lacks: {class_names}")
+        raise ValueError(
+            f"the {split} split has labels {unknown[:5]} that the training split lacks: {class_names}"
+        )
     check_split(labels, class_names, split)
 
 
@@ -263,7 +270,9 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> Table:
         raise FileNotFoundError(f"text file {str(path)!r} does not exist")
     suffix = path.with_suffix("").suffix if path.suffix == ".bz2" else path.suffix
     if suffix not in SUFFIXES:
-        raise ValueError(f"text file {str(path)!r}: the suffix must be one of {list(SUFFIXES)} (optionally .bz2)")
+        raise ValueError(
+            f"text file {str(path)!r}: the suffix must be one of {list(SUFFIXES)} (optionally .bz2)"
+        )
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rb") as raw:
         handle = io.TextIOWrapper(raw, encoding="utf-8", newline="")
@@ -276,7 +285,9 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> Table:
     columns = list(rows[0])
     for key, column in (("text_column", text_column), ("label_column", label_column)):
         if column not in columns:
-            raise ValueError(f"data.{key}={column!r} is not a column of {str(path)!r}; its columns: {columns}")
+            raise ValueError(
+                f"data.{key}={column!r} is not a column of {str(path)!r}; its columns: {columns}"
+            )
     return [row[text_column] for row in rows], [str(row[label_column]) for row in rows]
 
 
