@@ -86,6 +86,7 @@ class LayerHooks:
         sums: ``{module: {local parameter name: accumulator}}``.
         max_bytes: Cap on the per-sample gradients one layer materialises at a time.
         dtype: Dtype of the anchor (the model's).
+        device: Device of the anchor.
     """
 
     def __init__(
@@ -94,9 +95,10 @@ class LayerHooks:
         sums: dict[nn.Module, dict[str, Tensor]],
         max_bytes: int,
         dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         self.rules, self.sums, self.max_bytes = rules, sums, max_bytes
-        self.anchor = torch.zeros((), dtype=dtype, device=_device(sums), requires_grad=True)
+        self.anchor = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
         self.batch = 0
         self.enabled = False
         self.calls: dict[nn.Module, list[tuple[int, int]]] = {}
@@ -136,10 +138,6 @@ class LayerHooks:
 
     def _backward(self, module: nn.Module, a: Tensor, g: Tensor) -> None:
         self.rules[module](module, a, g, self.sums[module], self.max_bytes)
-
-
-def _device(sums: dict[nn.Module, dict[str, Tensor]]) -> torch.device:
-    return next(t for d in sums.values() for t in d.values()).device
 
 
 def _slices(n: int, per_sample_bytes: int, max_bytes: int) -> Iterator[slice]:

@@ -248,7 +248,11 @@ class _Plan:
             for m, (_, locs) in candidates.items()
         }
         probe = LayerHooks(
-            {m: rule for m, (rule, _) in candidates.items()}, probe_sums, settings.budget, first.dtype
+            {m: rule for m, (rule, _) in candidates.items()},
+            probe_sums,
+            settings.budget,
+            first.dtype,
+            first.device,
         )
         activation_bytes = _probe(net, probe, x, candidates, reasons)
 
@@ -265,6 +269,7 @@ class _Plan:
                 },
                 settings.budget // 4,
                 first.dtype,
+                first.device,
             )
             if hooked
             else None
@@ -376,7 +381,7 @@ def _probe(net: nn.Module, hooks: LayerHooks, x: Any, candidates: dict, reasons:
         elif calls and calls[0] == (1, 1) and not same:
             why = f"{type(module).__name__} output is broadcast over the batch"
         for name, p in locs.values():
-            if why is None and uses.get(id(p), 0) > max(1, len(calls)):
+            if why is None and uses.get(id(p), 0) > len(calls):
                 why = "also used outside its module"
             if why is not None:
                 reasons[name] = why
