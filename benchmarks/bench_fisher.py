@@ -1,158 +1,172 @@
-"""Fisher and EWC speed, as ratios measured side by side in one run (printed, never asserted).
+"""Fisher cost as ratios to one batched forward+backward, measured side by side (printed, never asserted).
 
-Rows:
-* vectorised ``fisher_diagonal`` vs a batch-size-1 autograd loop over the same samples (goal: >= 5x faster);
-* vectorised ``fisher_diagonal`` vs one batched forward+backward over the same samples (goal: <= 3x slower);
-* an SGD step with the EWC hook vs a plain step (goal: <= 5 % overhead).
+Rows (issue 14's goals in brackets):
+* EfficientNet-Lite0, 256 samples, 64 px, 1 thread: empirical ``fisher_diagonal`` CPU time / one batched
+  forward+backward over the same samples [<= 2.0x]; arms interleaved (A B A B ...), median and min-max;
+* the same, exact mode (expectation over 10 classes; one backward pass per class);
+* peak memory of each arm in a child process (VmHWM reset after set-up) [Fisher <= 1.5x batched];
+* a randomly initialised BERT-base-sized encoder (``BertConfig()``, 110M parameters), 64 samples x 128
+  tokens, empirical Fisher: peak memory of the child process [<= 6 GB].
 
-Usage: ``python benchmarks/bench_fisher.py [--samples 64] [--no-timm] [--threads 2]``
+Usage: ``python benchmarks/bench_fisher.py [--repeats 3] [--no-bert] [--bert-samples 64]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tl_lightning.callbacks.penalty import EWC, _Term
 from tl_lightning.fisher import fisher_diagonal
 
-
-def small_convnet(num_classes: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(0.2),
-        nn.Linear(32, num_classes),
-    )
+CLASSES = 10
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    """Minimum wall time of ``repeat`` calls (warm up separately, on a small input)."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def lite0_inputs(samples: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=CLASSES).eval()
+    return model, torch.randn(samples, 3, 64, 64), torch.randint(0, CLASSES, (samples,))
 
 
-def per_sample_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    model.eval()
-    for j in range(len(x)):
-        grads = torch.autograd.grad(F.cross_entropy(model(x[j : j + 1]), y[j : j + 1]), params)
-        torch._foreach_addcmul_(total, grads, grads)
-
-
-def batched_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> None:
-    model.eval()
-    for start in range(0, len(x), chunk):
-        F.cross_entropy(model(x[start : start + chunk]), y[start : start + chunk]).backward()
+def batched(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
 
 
-def fisher_rows(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, repeat: int):
-    methods = {
-        "vectorised": lambda xs, ys: fisher_diagonal(model, [(xs, ys)], chunk_size=chunk),
-        "loop": lambda xs, ys: per_sample_loop(model, xs, ys),
-        "batched": lambda xs, ys: batched_backward(model, xs, ys, chunk),
+def arms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    return {
+        "batched fwd+bwd": lambda: batched(model, x, y),
+        "fisher empirical": lambda: fisher_diagonal(model, [(x, y)]),
+        "fisher exact": lambda: fisher_diagonal(model, [x], mode="exact"),
     }
-    for method in methods.values():
-        method(x[:2], y[:2])  # warm-up
-    t = {key: best_of(lambda m=method: m(x, y), repeat) for key, method in methods.items()}
-    return [
-        (
-            f"{name}: loop / vectorised",
-            t["loop"] / t["vectorised"],
-            ">= 5x",
-            f"{t['loop']:.2f}s / {t['vectorised']:.2f}s",
-        ),
-        (
-            f"{name}: vectorised / batched fwd+bwd",
-            t["vectorised"] / t["batched"],
-            "<= 3x",
-            f"{t['vectorised']:.2f}s / {t['batched']:.2f}s",
-        ),
-    ]
 
 
-def ewc_overhead_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int):
-    """Interleave plain and penalised SGD steps; compare median step times."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    params = list(model.parameters())
-    ewc = EWC(lambda_=1.0, modules="0")
-    ewc._terms = [
-        _Term(1.0, params, [p.detach().clone() for p in params], [torch.rand_like(p) for p in params])
-    ]
-    trainer = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=False))
-    model.train()
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """CPU seconds of each arm, arms interleaved, after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.process_time()
+            fn()
+            times[key].append(time.process_time() - start)
+    return times
 
-    def step(penalised: bool) -> float:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        if penalised:
-            ewc.on_before_optimizer_step(trainer, model, optimizer)
-        optimizer.step()
-        return time.perf_counter() - start
 
-    plain, penalised = [], []
-    for _ in range(steps):
-        plain.append(step(False))
-        penalised.append(step(True))
-    ratio = statistics.median(penalised) / statistics.median(plain)
-    return (
-        f"{name}: EWC step / plain step",
-        ratio,
-        "<= 1.05x",
-        f"{statistics.median(plain) * 1e3:.1f} ms/step",
+def _hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def child(arm: str, samples: int) -> None:
+    """Run one arm once in this process; print peak RSS above the set-up's as JSON."""
+    torch.set_num_threads(1)
+    if arm == "bert":
+        model, batch = bert_inputs(samples)
+        run = lambda: fisher_diagonal(model, batch)  # noqa: E731
+    else:
+        model, x, y = lite0_inputs(samples)
+        run = arms(model, x, y)[arm]
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    base = _hwm_bytes()
+    start = time.perf_counter()
+    run()
+    print(
+        json.dumps(
+            {"peak": _hwm_bytes(), "above_setup": _hwm_bytes() - base, "s": time.perf_counter() - start}
+        )
     )
+
+
+def bert_inputs(samples: int):
+    from transformers import BertConfig, BertModel
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = BertModel(BertConfig())
+            self.head = nn.Linear(768, 2)
+
+        def forward(self, batch):
+            return self.head(self.encoder(**batch).last_hidden_state[:, 0])
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    ids = torch.randint(1000, 30000, (samples, 128))
+    return model, [
+        ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.randint(0, 2, (samples,)))
+    ]
+
+
+def measure_child(arm: str, samples: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", arm, "--samples", str(samples)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--no-timm", action="store_true", help="skip tf_efficientnet_lite0")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-bert", action="store_true")
+    parser.add_argument("--bert-samples", type=int, default=64)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rows = []
-
-    model = small_convnet()
-    x, y = torch.randn(args.samples, 3, 32, 32), torch.randint(0, 10, (args.samples,))
-    rows += fisher_rows("convnet 32x32", model, x, y, chunk=64, repeat=3)
-    rows.append(ewc_overhead_row("convnet 32x32", nn.Sequential(model), x, y, steps=30))
-
-    if not args.no_timm:
-        import timm
-
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
-        x = torch.randn(args.samples, 3, 64, 64)
-        rows += fisher_rows("effnet-lite0 64x64", model, x, y, chunk=16, repeat=1)
-        rows.append(ewc_overhead_row("effnet-lite0 64x64", nn.Sequential(model), x[:16], y[:16], steps=10))
-
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.samples} samples, CPU")
-    print(f"{'measurement':<44} {'ratio':>7}  {'goal':>8}  detail")
-    for label, ratio, goal, detail in rows:
-        print(f"{label:<44} {ratio:>6.2f}x  {goal:>8}  {detail}")
+    if args.child:
+        child(args.child, args.samples)
+        return
+    torch.set_num_threads(1)
+    model, x, y = lite0_inputs(args.samples)
+    times = interleaved(arms(model, x, y), args.repeats)
+    base = statistics.median(times["batched fwd+bwd"])
+    print(
+        f"\ntorch {torch.__version__}, 1 thread, {args.samples} samples 64 px, "
+        f"{args.repeats} repeats, CPU time"
+    )
+    print(f"{'EfficientNet-Lite0 arm':<22} {'median s':>9} {'min-max s':>14} {'/ batched':>10}")
+    for key, values in times.items():
+        spread, median = f"{min(values):.2f}-{max(values):.2f}", statistics.median(values)
+        print(f"{key:<22} {median:>9.2f} {spread:>14} {median / base:>9.2f}x")
+    peaks = {
+        arm: measure_child(arm, args.samples)
+        for arm in ("batched fwd+bwd", "fisher empirical", "fisher exact")
+    }
+    print(f"\n{'peak memory (child)':<22} {'above set-up':>13} {'/ batched':>10} {'process peak':>13}")
+    for arm, peak in peaks.items():
+        ratio = peak["above_setup"] / peaks["batched fwd+bwd"]["above_setup"]
+        above, total = peak["above_setup"] / 2**20, peak["peak"] / 2**20
+        print(f"{arm:<22} {above:>10.0f} MiB {ratio:>9.2f}x {total:>9.0f} MiB")
+    if args.no_bert:
+        return
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("\nBERT-base row skipped: transformers is not installed")
+        return
+    bert = measure_child("bert", args.bert_samples)
+    print(
+        f"\nBERT-base-sized encoder (110M), {args.bert_samples} x 128 tokens, empirical Fisher: "
+        f"process peak {bert['peak'] / 2**30:.2f} GiB, {bert['s']:.0f} s wall"
+    )
 
 
 if __name__ == "__main__":
