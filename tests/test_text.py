@@ -319,3 +319,21 @@ def test_gradual_unfreeze_and_layerwise_lr_on_text(tiny_bert, reviews, tmp_path)
     head = lrs["heads.target"]
     for depth, group in enumerate(["pooler", "encoder.layer.1", "encoder.layer.0", "embeddings"], start=1):
         assert lrs[f"backbone.{group}"] == pytest.approx(head * 0.5**depth, rel=1e-6)
+
+
+def test_length_grouped_batches(tiny_bert, reviews):
+    """Every sample once per epoch, an order fixed by (seed, epoch), and less padding than random batches."""
+    grouped = _data(tiny_bert, reviews, group_by_length=True).train_dataloader()
+    plain = _data(tiny_bert, reviews).train_dataloader()
+    sampler = grouped.batch_sampler
+    sampler.group = 2
+    first = list(sampler)
+    assert sorted(i for batch in first for i in batch) == list(range(42)) and len(first) == len(sampler) == 6
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+    def padding(loader) -> int:
+        return sum(int((tokens["attention_mask"] == 0).sum()) for tokens, _ in loader)
+
+    assert padding(grouped) < padding(plain)

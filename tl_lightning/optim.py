@@ -84,3 +84,34 @@ def warmup_cosine(
         return final_scale + (1.0 - final_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, scale)
+
+
+def warmup_linear(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.1
+) -> LambdaLR:
+    """Linear warm-up to the base LR, then linear decay to zero (the BERT fine-tuning schedule).
+
+    Args:
+        optimizer: The optimizer to schedule.
+        total_steps: Optimizer steps in the whole run (``trainer.estimated_stepping_batches``).
+        warmup_fraction: Share of ``total_steps`` spent warming up.
+
+    Raises:
+        ValueError: If ``warmup_fraction`` is outside ``[0, 1)`` or ``total_steps`` < 1.
+
+    Example::
+
+        scheduler = warmup_linear(optimizer, total_steps=600)  # 60 steps up, 540 down
+    """
+    if total_steps < 1 or not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(
+            f"need total_steps >= 1 and 0 <= warmup_fraction < 1, got {total_steps}, {warmup_fraction}"
+        )
+    warmup = int(total_steps * warmup_fraction)
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return LambdaLR(optimizer, scale)

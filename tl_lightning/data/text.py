@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tl_lightning.backbones import TextConfig
 from tl_lightning.data.base import ClassificationDataModule, EpochShuffleSampler, check_split, take_per_class
@@ -72,6 +72,45 @@ def pad_batch(
     return batch, torch.stack([torch.as_tensor(label) for _, label in samples])
 
 
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Training batches of texts of similar length, so dynamic padding adds little (HF ``group_by_length``).
+
+    Every epoch: a permutation drawn from ``seed + epoch`` alone (resume-exact, like
+    :class:`EpochShuffleSampler`) is cut into chunks of ``group`` batches, each chunk is sorted by
+    length and cut into batches, and the batch order is shuffled. Every sample appears once per epoch.
+
+    Args:
+        lengths: Token count of every sample.
+        batch_size: Samples per batch.
+        seed: Base seed; epoch ``e`` uses ``seed + e``.
+        group: Batches per sorted chunk (larger: less padding, less randomness).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.group, self.epoch = (
+            list(lengths),
+            batch_size,
+            seed,
+            group,
+            0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        chunk, batches = self.batch_size * self.group, []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
+            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        return iter([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
 class TextDataModule(ClassificationDataModule):
     """Base of the text data modules: subclasses implement :meth:`load_tables`.
 
@@ -88,6 +127,8 @@ class TextDataModule(ClassificationDataModule):
         subset_seed: Seed of the ``train_per_class`` draw; ``None`` uses ``split_seed``.
         shuffle_seed: Seed of the per-epoch training order.
         num_workers: ``DataLoader`` workers.
+        group_by_length: Form training batches of similar length (:class:`LengthGroupedBatchSampler`):
+            less padding, faster epochs, still a new random order every epoch.
 
     Raises:
         TypeError: If the backbone is not a text encoder (its ``data_config`` is no ``TextConfig``).
@@ -107,8 +148,10 @@ class TextDataModule(ClassificationDataModule):
         subset_seed: int | None = None,
         shuffle_seed: int = 0,
         num_workers: int = 0,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__(data_config, batch_size, num_workers, False, shuffle_seed)
+        self.group_by_length = group_by_length
         if not isinstance(self.data_config, TextConfig):
             raise TypeError(
                 f"{type(self).__name__} needs a text backbone (backbone=hf_encoder); "
@@ -230,6 +273,15 @@ class TextDataModule(ClassificationDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        if shuffle and self.group_by_length:
+            lengths = [len(tokens["input_ids"]) for tokens in dataset.encodings]
+            return DataLoader(
+                dataset,
+                batch_sampler=LengthGroupedBatchSampler(lengths, self.batch_size, self.shuffle_seed),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                collate_fn=self.collate_fn,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
