@@ -337,3 +337,8 @@ def test_length_grouped_batches(tiny_bert, reviews):
         return sum(int((tokens["attention_mask"] == 0).sum()) for tokens, _ in loader)
 
     assert padding(grouped) < padding(plain)
+
+
+def test_backbone_starts_in_train_mode(tiny_bert):
+    """``from_pretrained`` returns eval mode; Lightning keeps modes as found, so dropout would be off."""
+    assert all(m.training for m in hf_encoder(str(tiny_bert)).modules())

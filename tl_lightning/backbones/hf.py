@@ -42,7 +42,9 @@ class TextConfig:
         if self.pooling not in POOLINGS[1:]:
             raise ValueError(f"backbone.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.max_length < 2:
-            raise ValueError(f"backbone.max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}")
+            raise ValueError(
+                f"backbone.max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +152,7 @@ def hf_encoder(
     tokenizer = tokenizer or model_name
     config = AutoConfig.from_pretrained(path)
     model = AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(config)
+    model.train()  # from_pretrained returns eval mode; like every backbone, start in train mode (dropout)
     limit = _family_max_length(path, AutoTokenizer.from_pretrained(_resolve(tokenizer)), config)
     if max_length is not None and max_length > limit:
         raise ValueError(f"backbone.max_length={max_length} exceeds what {path} takes ({limit} tokens)")
