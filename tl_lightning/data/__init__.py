@@ -3,7 +3,10 @@
 
 from tl_lightning.data.base import ClassificationDataModule
 from tl_lightning.data.digits import DigitsDataModule
+from tl_lightning.data.fashion_mnist import FashionMNISTDataModule
+from tl_lightning.data.grayscale import GrayscaleDataModule
 from tl_lightning.data.image_folder import ImageFolderDataModule
+from tl_lightning.data.mnist5k import MNIST5kDataModule
 from tl_lightning.data.text import (
     HFDatasetDataModule,
     RottenTomatoesDataModule,
@@ -15,8 +18,11 @@ from tl_lightning.data.torchvision_data import TorchvisionDataModule
 __all__ = [
     "ClassificationDataModule",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "GrayscaleDataModule",
     "HFDatasetDataModule",
     "ImageFolderDataModule",
+    "MNIST5kDataModule",
     "RottenTomatoesDataModule",
     "TextDataModule",
     "TextFilesDataModule",

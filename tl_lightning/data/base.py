@@ -39,24 +39,26 @@ def check_split(labels: Sequence[int], class_names: Sequence[str], split: str) -
         raise ValueError(f"the {split} split has no example of class {', '.join(map(repr, names))}")
 
 
-def take_per_class(labels: np.ndarray, per_class: int | str | None, seed: int) -> np.ndarray:
+def take_per_class(
+    labels: np.ndarray, per_class: int | str | None, seed: int, key: str = "train_per_class"
+) -> np.ndarray:
     """Indices of ``per_class`` examples of every class (all when ``None`` or ``"all"``), drawn with ``seed``.
 
     Raises:
         ValueError: If ``per_class`` is not a positive integer, ``"all"`` or ``None``, or is larger
-            than what a class has, naming ``data.train_per_class``.
+            than what a class has, naming ``data.<key>``.
     """
     if per_class is None or per_class == "all":
         return np.arange(len(labels))
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"data.train_per_class must be an integer >= 1, 'all' or null, got {per_class!r}")
+        raise ValueError(f"data.{key} must be an integer >= 1, 'all' or null, got {per_class!r}")
     rng = np.random.default_rng(seed)
     chosen = []
     for cls in np.unique(labels):
         pool = np.flatnonzero(labels == cls)
         if per_class > len(pool):
             raise ValueError(
-                f"data.train_per_class={per_class} but class {cls} has only {len(pool)} training examples"
+                f"data.{key}={per_class} but class {cls} has only {len(pool)} examples to draw from"
             )
         chosen.append(rng.choice(pool, per_class, replace=False))
     return np.sort(np.concatenate(chosen))
