@@ -66,13 +66,13 @@ def reviews(tmp_path) -> Path:
     return _write_csv(tmp_path / "reviews.csv", rows)
 
 
-def _text_cfg(tmp_path, tiny_bert, reviews, *overrides, run="run"):
+def _text_cfg(tmp_path, tiny_bert, reviews, *overrides, run="run", backbone=None):
+    backbone = backbone or ["backbone=hf_encoder", f"backbone.model_name={tiny_bert}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(
             "train",
             overrides=[
-                "backbone=hf_encoder",
-                f"backbone.model_name={tiny_bert}",
+                *backbone,
                 "data=text_files",
                 f"data.train_file={reviews}",
                 "data.batch_size=8",
@@ -342,3 +342,31 @@ def test_length_grouped_batches(tiny_bert, reviews):
 def test_backbone_starts_in_train_mode(tiny_bert):
     """``from_pretrained`` returns eval mode; Lightning keeps modes as found, so dropout would be off."""
     assert all(m.training for m in hf_encoder(str(tiny_bert)).modules())
+
+
+def test_ewc_on_text_from_a_source_checkpoint(tiny_bert, reviews, tmp_path):
+    """A text model fine-tuned on a source task, then EWC on a target: the Fisher runs on token batches."""
+    source = _text_cfg(tmp_path, tiny_bert, reviews, "strategy=full_finetune", run="source")
+    train(source)
+    target = _text_cfg(
+        tmp_path,
+        tiny_bert,
+        reviews,
+        "strategy=ewc",
+        "callbacks.ewc.fisher_samples=16",
+        run="target",
+        backbone=[
+            "backbone=source_checkpoint",
+            f"backbone.path={Path(source.paths.output_dir) / 'checkpoints' / 'last.ckpt'}",
+            "backbone.backbone._target_=tl_lightning.backbones.hf_encoder",
+            f"+backbone.backbone.model_name={tiny_bert}",
+        ],
+    )
+    train(target)
+    assert _metrics(target)["strategy"] == "ewc"
+    checkpoint = torch.load(Path(target.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("EWC")]
+    fisher = state["fisher"]
+    assert {n.split(".")[2] for n in fisher} == {"embeddings", "encoder", "pooler"}  # the whole encoder
+    assert all(torch.isfinite(f).all() for f in fisher.values())
+    assert sum(float(f.sum()) for f in fisher.values()) > 0

@@ -176,6 +176,18 @@ class TextDataModule(ClassificationDataModule):
         self.tokenizer = None
         self.truncated: dict[str, int] = {}
 
+    @classmethod
+    def eval_transform(cls, data_config, image_size=None):
+        """Not for text: ``predict.py`` and ``export.py`` take images only (so far).
+
+        Raises:
+            NotImplementedError: Always, naming the data module.
+        """
+        raise NotImplementedError(
+            f"{cls.__name__} holds texts: predict.py and export.py take image checkpoints only; load the "
+            "checkpoint with tl_lightning.inference and feed tokenised batches to the module instead"
+        )
+
     def load_tables(self) -> dict[str, Table]:
         """``{"train": (texts, labels), ...}``: ``train`` alone (split here), or with ``val``/``test``.
 
