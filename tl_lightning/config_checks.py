@@ -1,0 +1,153 @@
+"""Checks of a composed training config that need no built object: they run before anything is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors import safe_open
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject values that would only fail (or silently misbehave) after training started.
+
+    Runs on the composed config before anything is built: numeric keys (kind and range), the one
+    weight-decay knob, ``monitor_mode``, strategy milestones against the run's length, EWC
+    ``fisher_path`` files and ``ckpt_path``.
+
+    Args:
+        cfg: The composed config (``conf/train.yaml``).
+
+    Raises:
+        ValueError: Naming the key, the value given and what is allowed.
+        FileNotFoundError: On a missing ``ckpt_path`` or ``fisher_path``.
+    """
+    _check_numbers(cfg)
+    if "weight_decay" in cfg.module.optimizer:
+        raise ValueError(
+            f"module.optimizer.weight_decay={cfg.module.optimizer.weight_decay} would be ignored: every "
+            f"parameter group sets its own decay from module.weight_decay (norms and biases get none); "
+            f"set module.weight_decay instead and remove module.optimizer.weight_decay"
+        )
+    if cfg.monitor_mode not in ("auto", "min", "max"):
+        raise ValueError(f"monitor_mode={cfg.monitor_mode!r} is not one of ['auto', 'min', 'max']")
+    _check_schedule(cfg)
+    _check_fisher_paths(cfg)
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+
+
+@dataclass(frozen=True)
+class _Number:
+    """An allowed numeric value: ``kind`` (int or float), bounds, and whether a list of them is allowed."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    many: bool = False
+
+    def accepts(self, value) -> bool:
+        kinds = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        name = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{name} in {left}{self.low}, {self.high}{right}"
+        elif self.low is not None:
+            text = f"{name} {'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = name
+        return f"{text} (or a list of them)" if self.many else text
+
+
+# Numeric keys checked before anything is built (only where the key is set and not null).
+_NUMBERS = {
+    "seed": _Number(int, 0, 2**32 - 1),
+    "trainer.max_epochs": _Number(int, 1),
+    "module.optimizer.lr": _Number(float, 0, low_open=True),
+    "module.weight_decay": _Number(float, 0),
+    "module.label_smoothing": _Number(float, 0, 1, high_open=True),
+    "head.hidden": _Number(int, 1, many=True),
+    "head.dropout": _Number(float, 0, 1, high_open=True),
+    "data.batch_size": _Number(int, 1),
+    "data.image_size": _Number(int, 1),
+    "data.num_workers": _Number(int, 0),
+}
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Every key of ``_NUMBERS`` that is set holds a number of the right kind and range.
+
+    Raises:
+        ValueError: Naming the key, the value given and what is allowed.
+    """
+    for key, allowed in _NUMBERS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        values = list(value) if allowed.many and isinstance(value, ListConfig) else [value]
+        if not values or not all(allowed.accepts(v) for v in values):
+            given = list(value) if isinstance(value, ListConfig) else value
+            hint = (
+                "; trainer.max_epochs=0 would test an untrained model" if key == "trainer.max_epochs" else ""
+            )
+            raise ValueError(f"{key} must be {allowed.describe()}, got {given!r}{hint}")
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    """Stop when a callback's ``milestones`` lie beyond the run's end (a strategy silently cut short).
+
+    Milestones in steps are checked against ``trainer.max_steps`` when it is set.
+
+    Raises:
+        ValueError: Naming the milestones, the trainer limit and the ``allow_short_schedule`` opt-out.
+    """
+    if cfg.allow_short_schedule:
+        return
+    for name, node in (cfg.callbacks or {}).items():
+        milestones = node.get("milestones") if isinstance(node, DictConfig) else None
+        if not isinstance(milestones, ListConfig):
+            continue
+        unit = node.get("unit", "epoch")
+        key = "trainer.max_epochs" if unit == "epoch" else "trainer.max_steps"
+        limit = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(limit, int) or limit < 0:
+            continue
+        late = [m for m in milestones if isinstance(m, int) and m >= limit]
+        if late:
+            raise ValueError(
+                f"callbacks.{name}.milestones={list(milestones)} ({unit}s) include {late}, but {key}={limit} "
+                f"ends the run after {unit} {limit - 1}: strategy={cfg.strategy_name} would silently stop "
+                f"part-way. Raise {key} to at least {max(late) + 1}, or set allow_short_schedule=true if "
+                f"you mean to cut the schedule short"
+            )
+
+
+def _check_fisher_paths(cfg: DictConfig) -> None:
+    """A callback's ``fisher_path`` must be a readable safetensors file before any model is built.
+
+    Raises:
+        FileNotFoundError: If the file is missing, naming the key.
+        ValueError: If it is not a safetensors file, naming the key.
+    """
+    for name, node in (cfg.callbacks or {}).items():
+        path = node.get("fisher_path") if isinstance(node, DictConfig) else None
+        if path is None:
+            continue
+        key = f"callbacks.{name}.fisher_path"
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{key}={path!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as error:  # safetensors raises its own error type for every kind of bad file
+            raise ValueError(f"{key}={path!r} is not a readable safetensors file ({error})") from error
