@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -71,19 +72,12 @@ def warmup_cosine(
 
         scheduler = warmup_cosine(optimizer, total_steps=1000, warmup_fraction=0.05)
     """
-    if total_steps < 1 or not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(
-            f"need total_steps >= 1 and 0 <= warmup_fraction < 1, got {total_steps}, {warmup_fraction}"
-        )
-    warmup = int(total_steps * warmup_fraction)
-
-    def scale(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return final_scale + (1.0 - final_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, scale)
+    return _warmup_then(
+        optimizer,
+        total_steps,
+        warmup_fraction,
+        lambda progress: final_scale + (1.0 - final_scale) * 0.5 * (1.0 + math.cos(math.pi * progress)),
+    )
 
 
 def warmup_linear(
@@ -103,6 +97,16 @@ def warmup_linear(
 
         scheduler = warmup_linear(optimizer, total_steps=600)  # 60 steps up, 540 down
     """
+    return _warmup_then(optimizer, total_steps, warmup_fraction, lambda progress: 1.0 - progress)
+
+
+def _warmup_then(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_fraction: float,
+    decay: Callable[[float], float],
+) -> LambdaLR:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then ``decay(progress in [0, 1])``."""
     if total_steps < 1 or not 0.0 <= warmup_fraction < 1.0:
         raise ValueError(
             f"need total_steps >= 1 and 0 <= warmup_fraction < 1, got {total_steps}, {warmup_fraction}"
@@ -112,6 +116,6 @@ def warmup_linear(
     def scale(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        return decay(min(1.0, (step - warmup) / max(1, total_steps - warmup)))
 
     return LambdaLR(optimizer, scale)

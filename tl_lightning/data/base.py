@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from tl_lightning.backbones import DataConfig, TextConfig
@@ -37,6 +38,23 @@ def check_split(labels: Sequence[int], class_names: Sequence[str], split: str) -
     if missing:
         names = [class_names[i] for i in missing]
         raise ValueError(f"the {split} split has no example of class {', '.join(map(repr, names))}")
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified train/val/test indices of ``labels``, the same for the same ``seed``.
+
+    Raises:
+        ValueError: From scikit-learn, when a class has too few samples to be split.
+    """
+    indices = np.arange(len(labels))
+    held = val_fraction + test_fraction
+    train_idx, holdout_idx = train_test_split(indices, test_size=held, stratify=labels, random_state=seed)
+    val_idx, test_idx = train_test_split(
+        holdout_idx, test_size=test_fraction / held, stratify=labels[holdout_idx], random_state=seed
+    )
+    return train_idx, val_idx, test_idx
 
 
 def take_per_class(

@@ -18,7 +18,13 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.data.base import ClassificationDataModule, as_data_config, check_split, take_per_class
+from tl_lightning.data.base import (
+    ClassificationDataModule,
+    as_data_config,
+    check_split,
+    stratified_split,
+    take_per_class,
+)
 
 
 @dataclass(frozen=True)
@@ -219,17 +225,7 @@ class GrayscaleDataModule(ClassificationDataModule):
                 pool, test_size=self.val_fraction, stratify=labels[pool], random_state=self.split_seed
             )
             return train_idx, val_idx, test_idx
-        held = self.val_fraction + self.test_fraction
-        train_idx, holdout_idx = train_test_split(
-            indices, test_size=held, stratify=labels, random_state=self.split_seed
-        )
-        val_idx, test_idx = train_test_split(
-            holdout_idx,
-            test_size=self.test_fraction / held,
-            stratify=labels[holdout_idx],
-            random_state=self.split_seed,
-        )
-        return train_idx, val_idx, test_idx
+        return stratified_split(labels, self.val_fraction, self.test_fraction, self.split_seed)
 
     def _dataset(
         self, arrays: GrayscaleArrays, idx: np.ndarray, labels: np.ndarray, augment: bool

@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.data.base import ClassificationDataModule, check_split, take_per_class
+from tl_lightning.data.base import ClassificationDataModule, check_split, stratified_split, take_per_class
 from tl_lightning.data.images import ImageFiles, check_disjoint, class_folders, find_images, inspect_images
 from tl_lightning.data.transforms import image_transform
 
@@ -141,17 +140,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         if not samples:
             raise ValueError(f"no images under data.root={str(self.root)!r}")
         labels = np.array([label for _, label in samples])
-        indices = np.arange(len(labels))
-        holdout = self.val_fraction + self.test_fraction
         try:
-            train_idx, rest = train_test_split(
-                indices, test_size=holdout, stratify=labels, random_state=self.split_seed
-            )
-            val_idx, test_idx = train_test_split(
-                rest,
-                test_size=self.test_fraction / holdout,
-                stratify=labels[rest],
-                random_state=self.split_seed,
+            train_idx, val_idx, test_idx = stratified_split(
+                labels, self.val_fraction, self.test_fraction, self.split_seed
             )
         except ValueError as error:
             counts = dict(
