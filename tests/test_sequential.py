@@ -18,8 +18,9 @@ def test_probe_set_is_the_source_runs_test_split():
     target = DigitsDataModule(CFG, image_size=8, classes=[5, 6, 7, 8, 9], probe_classes=[0, 1, 2, 3, 4])
     source.setup("fit")
     target.setup("fit")
-    for a, b in zip(source.test_set.tensors, target.probe_set.tensors, strict=True):
-        assert torch.equal(a, b)
+    assert len(source.test_set) == len(target.probe_set) > 0
+    for (x_source, y_source), (x_probe, y_probe) in zip(source.test_set, target.probe_set, strict=True):
+        assert torch.equal(x_source, x_probe) and y_source == y_probe
     assert target.num_classes == 5
     with pytest.raises(ValueError, match="probe_classes"):
         DigitsDataModule(CFG, classes=[5, 6], probe_classes=[6, 7])
