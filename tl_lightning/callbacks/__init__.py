@@ -2,12 +2,14 @@
 
 from tl_lightning.callbacks.freeze import Freeze
 from tl_lightning.callbacks.layerwise import LayerwiseLR
+from tl_lightning.callbacks.linear_probe import ConvergedLinearProbe
 from tl_lightning.callbacks.monitor import LayerDriftMonitor, TrainableParamsMonitor
 from tl_lightning.callbacks.penalty import EWC, L2SP
 from tl_lightning.callbacks.retention import SourceRetention
 from tl_lightning.callbacks.unfreeze import GradualUnfreeze
 
 __all__ = [
+    "ConvergedLinearProbe",
     "EWC",
     "Freeze",
     "GradualUnfreeze",
