@@ -3,6 +3,7 @@
 
 from tl_lightning.data.base import ClassificationDataModule
 from tl_lightning.data.digits import DigitsDataModule
+from tl_lightning.data.domain_pair import DomainPairDataModule
 from tl_lightning.data.fashion_mnist import FashionMNISTDataModule
 from tl_lightning.data.grayscale import GrayscaleDataModule
 from tl_lightning.data.image_folder import ImageFolderDataModule
@@ -18,6 +19,7 @@ from tl_lightning.data.torchvision_data import TorchvisionDataModule
 __all__ = [
     "ClassificationDataModule",
     "DigitsDataModule",
+    "DomainPairDataModule",
     "FashionMNISTDataModule",
     "GrayscaleDataModule",
     "HFDatasetDataModule",
