@@ -225,7 +225,8 @@ class ConvergedLinearProbe(Callback):
     Args:
         head: Attribute path of the ``nn.Linear`` head in the module (``"heads.target"``, ``"fc"``).
         l2_grid: Penalty strengths to choose from, each > 0.
-        dtype: ``"float64"`` (default) or ``"float32"``: the precision of the fit.
+        dtype: ``"float64"`` (default) or ``"float32"``: the precision of the fit. A float32 fit stops
+            where the loss stops changing in single precision (~1e-4 of the objective on digits).
         max_iter: Most L-BFGS iterations per ``l2``.
         tolerance: Converged when every entry of the objective's gradient is at most this.
 
