@@ -111,7 +111,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
             "monitor": cfg.monitor,
             "best": {cfg.monitor: best},
             "final": final_val,
-            "test": test_results[0] if test_results else {},
+            "test": {k: v for results in test_results for k, v in results.items()},  # every test loader
             "best_checkpoint": best_path,
             "wall_time_s": round(time.perf_counter() - started, 2),
             "params": _parameter_counts(module),
