@@ -225,7 +225,7 @@ def test_pipeline_strategy_scores_the_probe_in_metrics_json(make_cfg):
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert metrics["strategy"] == "linear_probe_lbfgs" and metrics["feature_cache"] == "memory"
     assert metrics["epochs"] == 1 and metrics["params"]["trainable"] == 10 * 64 + 10
-    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=False)
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
     probe_state = next(v for k, v in checkpoint["callbacks"].items() if "ConvergedLinearProbe" in k)
     chosen = next(row for row in probe_state["results"]["grid"] if row["l2"] == probe_state["results"]["l2"])
     # the validation the pipeline logged is the fitted probe's (float32 head vs float64 fit)
