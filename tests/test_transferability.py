@@ -1,0 +1,134 @@
+"""LogME, LEEP and NCE against small cases computed independently: loops, closed forms, an optimiser."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from tl_lightning.transferability import leep, logme, nce
+
+LABELS = torch.tensor([0, 0, 1, 1, 2, 1])
+# softmax outputs of a 3-class source head on 6 target samples
+THETA = torch.tensor(
+    [
+        [0.7, 0.2, 0.1],
+        [0.6, 0.3, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.2, 0.2, 0.6],
+        [0.1, 0.1, 0.8],
+        [0.3, 0.4, 0.3],
+    ],
+    dtype=torch.float64,
+)
+
+
+def test_leep_matches_explicit_loops():
+    n, z_count = THETA.shape
+    rows = THETA.tolist()
+    joint = [
+        [sum(rows[i][z] for i in range(n) if LABELS[i] == y) / n for z in range(z_count)] for y in range(3)
+    ]
+    marginal = [sum(joint[y][z] for y in range(3)) for z in range(z_count)]
+    expected = 0.0
+    for i in range(n):
+        y = int(LABELS[i])
+        expected += math.log(sum(joint[y][z] / marginal[z] * rows[i][z] for z in range(z_count)))
+    expected /= n
+    assert leep(THETA, LABELS) == pytest.approx(expected, rel=1e-12)
+    assert leep(THETA, LABELS) < 0
+
+
+def test_leep_of_a_source_that_already_predicts_the_target_is_zero():
+    assert leep(torch.eye(3)[LABELS], LABELS) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nce_matches_hand_computed_entropy():
+    # source z: 0 0 0 1 1 2 ; target y: 0 0 1 1 2 1
+    # z=0 (p=1/2): y = 0,0,1 -> H = -(2/3 log 2/3 + 1/3 log 1/3)
+    # z=1 (p=1/3): y = 1,2 -> H = log 2;  z=2 (p=1/6): y = 1 -> H = 0
+    source = torch.tensor([0, 0, 0, 1, 1, 2])
+    expected = -(0.5 * -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)) + 1 / 3 * math.log(2))
+    assert nce(source, LABELS) == pytest.approx(expected, rel=1e-12)
+    assert nce(source, LABELS) < 0
+
+
+def test_nce_is_zero_when_the_source_label_determines_the_target():
+    source = torch.tensor([5, 5, 3, 3, 0, 7])  # 3 and 7 both map to target 1: still determined
+    assert nce(source, LABELS) == pytest.approx(0.0, abs=1e-15)
+    assert nce(torch.zeros(6, dtype=torch.long), LABELS) < nce(source, LABELS)
+
+
+def _log_marginal_likelihood(f: np.ndarray, y: np.ndarray, alpha: float, noise: float) -> float:
+    """log N(y; 0, F F^T / alpha + noise I): the evidence from its definition, with the n x n covariance.
+
+    ``noise = 1 / beta`` may be 0, the limit the maximum approaches when the features fit ``y`` exactly.
+    """
+    n = len(y)
+    covariance = f @ f.T / alpha + noise * np.eye(n)
+    return (
+        -n / 2 * math.log(2 * math.pi)
+        - np.linalg.slogdet(covariance)[1] / 2
+        - y @ np.linalg.solve(covariance, y) / 2
+    )
+
+
+def _brute_force_logme(f: np.ndarray, labels: np.ndarray) -> float:
+    per_class = []
+    for k in np.unique(labels):
+        y = (labels == k).astype(float)
+        starts = [[0.0, 1.0], [2.0, 0.1], [-2.0, 0.01]]
+        best = min(
+            (
+                minimize(
+                    lambda p, y=y: -_log_marginal_likelihood(f, y, math.exp(p[0]), p[1] ** 2),
+                    x0=x0,
+                    method="Nelder-Mead",
+                    options={"xatol": 1e-12, "fatol": 1e-14, "maxiter": 40000},
+                )
+                for x0 in starts
+            ),
+            key=lambda result: result.fun,
+        )
+        per_class.append(-best.fun / len(y))
+    return sum(per_class) / len(per_class)
+
+
+@pytest.mark.parametrize("shape", [(6, 2), (5, 8)], ids=["n>D", "n<D"])
+def test_logme_is_the_maximum_evidence_found_by_a_direct_optimiser(shape):
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=shape)
+    labels = np.arange(shape[0]) % 3
+    expected = _brute_force_logme(f, labels)
+    assert logme(torch.from_numpy(f), torch.from_numpy(labels)) == pytest.approx(expected, abs=1e-7)
+
+
+def test_logme_prefers_features_that_separate_the_classes():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(120) % 4
+    noise = torch.randn(120, 16, generator=generator)
+    separating = noise * 0.3 + 3 * torch.eye(4, 16)[labels]
+    assert logme(separating, labels) > logme(noise, labels) + 0.5
+
+
+def test_logme_ignores_absent_class_indices():
+    f = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    assert logme(f, LABELS + 2) == pytest.approx(logme(f, LABELS), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: leep(THETA * 2, LABELS), "rows summing to 1"),
+        (lambda: leep(THETA, LABELS[:5]), "6 entries"),
+        (lambda: nce(torch.tensor([0, 1]), torch.tensor([0.0, 1.0])), "integer class indices"),
+        (lambda: logme(torch.randn(3, 2), torch.tensor([0, -1, 1])), ">= 0"),
+        (lambda: logme(torch.randn(0, 2), torch.tensor([], dtype=torch.long)), "empty"),
+    ],
+)
+def test_bad_inputs_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
