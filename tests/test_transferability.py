@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from scipy.optimize import minimize
 
+from tl_lightning.backbones import efficientnet_lite0
+from tl_lightning.feature_cache import CachedFeatureDataModule
 from tl_lightning.transferability import leep, logme, nce
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 1])
@@ -132,3 +140,44 @@ def test_logme_ignores_absent_class_indices():
 def test_bad_inputs_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _load_script():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "transferability.py"
+    spec = importlib.util.spec_from_file_location("tl_transferability_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_script_scores_candidates_on_cached_features_and_drops_leep_nce_after_a_cut(tmp_path, capsys):
+    script = _load_script()
+    overrides = ["data=digits", "data.image_size=32", "data.train_per_class=3", f"paths.cache_dir={tmp_path}"]
+    script.main(["-c", "efficientnet_lite0", "-c", "efficientnet_lite0@blocks.2", *overrides])
+    header, _, full, cut = capsys.readouterr().out.strip().splitlines()
+    assert header.split(" | ")[3:6] == ["LogME", "LEEP", "NCE"]
+    full, cut = full.strip("| ").split(" | "), cut.strip("| ").split(" | ")
+    assert full[:3] == ["efficientnet_lite0", "1280", "30"] and cut[:3] == [
+        "efficientnet_lite0@blocks.2",
+        "40",
+        "30",
+    ]
+    assert float(full[4]) <= 0 and float(full[5]) <= 0 and cut[4:6] == ["-", "-"]
+    cached = sorted((tmp_path / "features").glob("*.safetensors"))
+    assert len(cached) == 2  # one training split per candidate
+
+    # the row holds the scores of the cached features
+    stored = [load_file(path) for path in cached]
+    features, labels = next((s["features"], s["labels"]) for s in stored if s["features"].shape[1] == 1280)
+    probabilities = torch.softmax(efficientnet_lite0().pop_source_head()(features).double(), dim=1)
+    assert f"{logme(features, labels):.4f}" == full[3] and f"{leep(probabilities, labels):.4f}" == full[4]
+    assert f"{nce(probabilities.argmax(1), labels):.4f}" == full[5]
+
+    # a training run with feature_cache=disk computes the same key: only val and test are new files
+    with initialize_config_dir(config_dir=script.CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "backbone=efficientnet_lite0"])
+    backbone = instantiate(cfg.backbone)
+    data = instantiate(cfg.data, data_config=backbone.data_config)
+    container = OmegaConf.to_container(cfg.backbone, resolve=True)
+    CachedFeatureDataModule(data, backbone, tmp_path / "features", container).setup("fit")
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 4
