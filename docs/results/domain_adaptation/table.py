@@ -1,12 +1,13 @@
 """Print the README table from the runs' metrics.json: target/source test accuracy, mean +- std per strategy.
 
-Usage: python docs/results/domain_adaptation/table.py  (from the repository root, after run.sh)
+Usage: python docs/results/domain_adaptation/table.py [small|medium]  (from the repository root, after run.sh)
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 RUNS = Path(__file__).parent / "runs"
@@ -18,9 +19,10 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {std:.3f}"
 
 
-def main() -> None:
+def main(budget: str) -> None:
+    runs_dir = RUNS / budget
     tests = {
-        s: {p.parent.name: json.loads(p.read_text())["test"] for p in RUNS.glob(f"{s}_seed*/metrics.json")}
+        s: {p.parent.name: json.loads(p.read_text())["test"] for p in runs_dir.glob(f"{s}_seed*/metrics.json")}
         for s in STRATEGIES
     }
     base = {run.split("_seed")[1]: t["test/acc"] for run, t in tests["source_only"].items()}
@@ -38,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "small")
