@@ -22,7 +22,9 @@ def _mean_std(values: list[float]) -> str:
 def main(budget: str) -> None:
     runs_dir = RUNS / budget
     tests = {
-        s: {p.parent.name: json.loads(p.read_text())["test"] for p in runs_dir.glob(f"{s}_seed*/metrics.json")}
+        s: {
+            p.parent.name: json.loads(p.read_text())["test"] for p in runs_dir.glob(f"{s}_seed*/metrics.json")
+        }
         for s in STRATEGIES
     }
     base = {run.split("_seed")[1]: t["test/acc"] for run, t in tests["source_only"].items()}
