@@ -14,14 +14,13 @@ serves every case.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.multiprocessing as mp
+from gloo_launch import run_two_workers
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.nn import functional as F
@@ -114,11 +113,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_worker, args=(port, out_dir), nprocs=2, join=True, start_method="fork")
+    run_two_workers(_worker, out_dir)
 
 
 if __name__ == "__main__":

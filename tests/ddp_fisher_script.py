@@ -4,13 +4,12 @@ Usage: ``python tests/ddp_fisher_script.py OUT_DIR`` writes ``single.safetensors
 ``ddp.safetensors`` (keys ``"<mode>/<parameter>"``) for ``tests/test_fisher.py`` to compare.
 """
 
-import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_launch import run_two_workers
 from safetensors.torch import save_file
 from torch import nn
 
@@ -49,12 +48,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # fork before this process computes anything: no second torch import, no inherited thread pools
-    mp.start_processes(_worker, args=(port, out_dir), nprocs=2, join=True, start_method="fork")
+    run_two_workers(_worker, out_dir)
     save_file(_all_modes(), str(Path(out_dir) / "single.safetensors"))
 
 
