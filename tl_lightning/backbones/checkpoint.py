@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from tl_lightning.backbones.base import Backbone
+from tl_lightning.checkpointing import load_checkpoint
 
 
 def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
@@ -22,7 +21,7 @@ def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the checkpoint's backbone or linear head does not fit.
+        ValueError: If the file is truncated or not a checkpoint, or its backbone or linear head does not fit.
 
     Example::
 
@@ -32,7 +31,7 @@ def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone.path={path!r} does not exist; train the source task first")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_checkpoint(path)["state_dict"]  # names the file when it is truncated or not a checkpoint
     weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head = {k.removeprefix("heads.target."): v for k, v in state.items() if k.startswith("heads.target.")}
     backbone.pop_source_head()
