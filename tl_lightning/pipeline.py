@@ -32,6 +32,7 @@ from tl_lightning.checkpointing import (
 from tl_lightning.config_checks import check_config
 from tl_lightning.data.text import TextDataModule
 from tl_lightning.feature_cache import MODES, CachedFeatureDataModule, cache_applies
+from tl_lightning.multitask import MultiTaskModule
 from tl_lightning.run_guards import FiniteLossGuard
 from tl_lightning.run_lock import RunLock
 
@@ -75,8 +76,8 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
     datamodule = instantiate(cfg.data, data_config=backbone.data_config)
     datamodule.prepare_data()  # downloads (torchvision data), before the ranks read it in setup()
     datamodule.setup("fit")  # an empty or corrupt dataset stops here, before any model work
-    head = _build_head(cfg.head, backbone.num_features, datamodule.num_classes)
-    module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=datamodule.num_classes)
+    head, num_classes = _build_heads(cfg, backbone.num_features, datamodule)
+    module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
     cfg = _with_monitor_mode(cfg, module)
     loggers = _instantiate_group(cfg.logger, "logger")
     callbacks = _pipeline_callbacks(cfg, _instantiate_group(cfg.callbacks, "callbacks"), loggers)
@@ -262,6 +263,24 @@ def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule, module) ->
     return mode
 
 
+def _build_heads(cfg: DictConfig, num_features: int, datamodule) -> tuple:
+    """``(head, num_classes)`` for the module: one head per task for multi-task data (``task_classes``).
+
+    Raises:
+        ValueError: If multi-task data meets a module that is not a ``MultiTaskModule``, naming both.
+    """
+    task_classes = getattr(datamodule, "task_classes", None)
+    if task_classes is None:
+        return _build_head(cfg.head, num_features, datamodule.num_classes), datamodule.num_classes
+    if not issubclass(get_class(cfg.module._target_), MultiTaskModule):
+        raise ValueError(
+            f"data {cfg.data._target_} has tasks {list(task_classes)}, but module._target_="
+            f"{cfg.module._target_} trains one: use strategy=multitask|multitask_pcgrad"
+        )
+    heads = {task: _build_head(cfg.head, num_features, n) for task, n in task_classes.items()}
+    return heads, task_classes
+
+
 def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> torch.nn.Module:
     """The head gets its sizes from the backbone and the data; an explicit mismatch is an error."""
     for key, actual in (("in_features", num_features), ("num_classes", num_classes)):
@@ -303,6 +322,24 @@ def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
     backbone.pop_source_head()
     head = _build_head(cfg.head, backbone.num_features, num_classes)
     return instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
+
+
+def pretrained_backbone(config: dict) -> torch.nn.Module:
+    """The backbone a run's resolved config describes, with the weights its fine-tune started from.
+
+    Unlike :func:`rebuild_module`, the recorded node is built as it is (``pretrained=true`` reads the
+    packaged weights, ``from_checkpoint`` its source checkpoint); the source head is dropped. Task
+    arithmetic (``tl_lightning.merging``) takes its base weights from here.
+
+    Raises:
+        ValueError: If ``config`` lacks the ``backbone`` node.
+    """
+    cfg = OmegaConf.create(config)
+    if not isinstance(cfg.get("backbone"), DictConfig):
+        raise ValueError("the stored run config has no backbone node")
+    backbone = instantiate(cfg.backbone)
+    backbone.pop_source_head()
+    return backbone
 
 
 def rebuild_transform(config: dict, data_config: dict) -> Callable:

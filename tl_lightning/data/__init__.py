@@ -8,6 +8,7 @@ from tl_lightning.data.fashion_mnist import FashionMNISTDataModule
 from tl_lightning.data.grayscale import GrayscaleDataModule
 from tl_lightning.data.image_folder import ImageFolderDataModule
 from tl_lightning.data.mnist5k import MNIST5kDataModule
+from tl_lightning.data.multitask import MultiTaskDataModule
 from tl_lightning.data.text import (
     HFDatasetDataModule,
     RottenTomatoesDataModule,
@@ -25,6 +26,7 @@ __all__ = [
     "HFDatasetDataModule",
     "ImageFolderDataModule",
     "MNIST5kDataModule",
+    "MultiTaskDataModule",
     "RottenTomatoesDataModule",
     "TextDataModule",
     "TextFilesDataModule",
