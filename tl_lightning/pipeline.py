@@ -71,16 +71,28 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
     """Steps 3-7 of ``train``, inside the run directory's lock."""
     pl.seed_everything(cfg.seed, workers=True)
 
-    backbone = instantiate(cfg.backbone)
+    backbone = _with_adapter(cfg, instantiate(cfg.backbone))
     _check_modality(cfg, backbone)
     datamodule = instantiate(cfg.data, data_config=backbone.data_config)
     datamodule.prepare_data()  # downloads (torchvision data), before the ranks read it in setup()
     datamodule.setup("fit")  # an empty or corrupt dataset stops here, before any model work
     head, num_classes = _build_heads(cfg, backbone.num_features, datamodule)
     module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
+    _keep_changed_only(cfg, module)
+    counts = _parameter_counts(module)
+    log.info(
+        "trainable parameters: %d of %d (%.3g%%)",
+        counts["trainable"],
+        counts["total"],
+        100 * counts["trainable_fraction"],
+    )
     cfg = _with_monitor_mode(cfg, module)
     loggers = _instantiate_group(cfg.logger, "logger")
     callbacks = _pipeline_callbacks(cfg, _instantiate_group(cfg.callbacks, "callbacks"), loggers)
+    if OmegaConf.select(cfg, "adapter") is not None:
+        from tl_lightning.peft_adapters import check_adapter_callbacks
+
+        check_adapter_callbacks(callbacks, cfg.strategy_name)
     callbacks.append(RunMetadata(_run_metadata(cfg, backbone, datamodule)))
     cached = _feature_cache_mode(cfg, callbacks, datamodule, module)
     if cached != "off":
@@ -300,7 +312,9 @@ def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
     The checkpoint holds every weight, so the backbone is built with ``pretrained=false`` (nothing
     is downloaded or read), a backbone wrapping another (``backbone=from_checkpoint``) is built from
     its inner ``backbone`` node, and no source head is attached (it only comes with pretrained
-    weights and is not part of the fine-tuned model).
+    weights and is not part of the fine-tuned model). With an ``adapter`` (``strategy=lora|ia3``)
+    the checkpoint holds only what trained, so the base is built from its pretrained weights and
+    wrapped with the same adapter (see ``tl_lightning.peft_adapters``).
 
     Args:
         config: ``checkpoint["tl_lightning"]["config"]`` (plain data, interpolations resolved).
@@ -316,12 +330,41 @@ def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
     node = cfg.backbone
     while isinstance(node.get("backbone"), DictConfig) and "_target_" in node.backbone:
         node = node.backbone
-    if "pretrained" in node:
+    if "pretrained" in node and cfg.get("adapter") is None:
         node = OmegaConf.merge(node, {"pretrained": False})
-    backbone = instantiate(node)
+    backbone = _with_adapter(cfg, instantiate(node))
     backbone.pop_source_head()
     head = _build_head(cfg.head, backbone.num_features, num_classes)
-    return instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
+    module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
+    _keep_changed_only(cfg, module)
+    return module
+
+
+def _with_adapter(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
+    """``strategy=lora|ia3``: the backbone wrapped by the ``adapter`` node's PEFT factory (else as given).
+
+    Raises:
+        ValueError: If the backbone is not built from pretrained weights (``backbone.pretrained``):
+            adapter checkpoints leave the base out and rebuild it from those weights.
+    """
+    node = OmegaConf.select(cfg, "adapter")
+    if node is None:
+        return backbone
+    if OmegaConf.select(cfg, "backbone.pretrained") is not True:
+        raise ValueError(
+            f"strategy={OmegaConf.select(cfg, 'strategy_name')} adapts a pretrained base: it needs "
+            f"backbone.pretrained=true (got {OmegaConf.select(cfg, 'backbone.pretrained')}); "
+            "train a random network with strategy=scratch"
+        )
+    return instantiate(node, backbone=backbone)
+
+
+def _keep_changed_only(cfg: DictConfig, module: torch.nn.Module) -> None:
+    """With an ``adapter``, checkpoints hold what trains only (``peft_adapters.keep_changed_only``)."""
+    if OmegaConf.select(cfg, "adapter") is not None:
+        from tl_lightning.peft_adapters import keep_changed_only
+
+        keep_changed_only(module)
 
 
 def pretrained_backbone(config: dict) -> torch.nn.Module:
@@ -454,9 +497,7 @@ def _best_score(checkpoint, final_val: dict[str, float], monitor: str) -> float 
     return final_val.get(monitor)
 
 
-def _parameter_counts(module: torch.nn.Module) -> dict[str, int]:
+def _parameter_counts(module: torch.nn.Module) -> dict[str, int | float]:
     params = list(module.parameters())
-    return {
-        "trainable": sum(p.numel() for p in params if p.requires_grad),
-        "total": sum(p.numel() for p in params),
-    }
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return {"trainable": trainable, "total": total, "trainable_fraction": round(trainable / max(total, 1), 6)}

@@ -61,6 +61,9 @@ class Backbone(nn.Module):
             first appearance of their parameters, i.e. input -> output.
         source_head: The pretrained classifier on top of ``model``, if the weights bring one.
         name: Human-readable identifier (logged with the run).
+        peft_targets: Names of the sub-modules of ``model`` a PEFT adapter (``strategy=lora|ia3``)
+            attaches to by default, matched as PEFT's ``target_modules`` list (a module whose path is
+            or ends with ``.<name>``); ``None`` when the factory declares none.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Backbone(nn.Module):
         group_of: dict[str, str],
         source_head: nn.Module | None = None,
         name: str = "backbone",
+        peft_targets: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -78,6 +82,7 @@ class Backbone(nn.Module):
         self.data_config = data_config
         self.name = name
         self._group_of = group_of
+        self.peft_targets = list(peft_targets) if peft_targets is not None else None
         self.set_source_head(source_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,9 @@ MINILM = "all-MiniLM-L6-v2"
 # files a sentence-transformers model directory carries next to the encoder's own
 _SENTENCE_POOLING = Path("1_Pooling") / "config.json"
 _SENTENCE_CONFIG = "sentence_bert_config.json"
+# leaf names of the attention query and value projections across BERT-style families (BERT, RoBERTa,
+# MiniLM: query/value; DistilBERT: q_lin/v_lin; most others: q_proj/v_proj): PEFT adapter targets
+_QUERY_VALUE = ("query", "value", "q_lin", "v_lin", "q_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,14 @@ class TextBackbone(Backbone):
     """
 
     def __init__(self, model: nn.Module, text_config: TextConfig, name: str) -> None:
-        super().__init__(model, model.config.hidden_size, text_config, _hf_group_of(model), name=name)
+        super().__init__(
+            model,
+            model.config.hidden_size,
+            text_config,
+            _hf_group_of(model),
+            name=name,
+            peft_targets=_query_value_projections(model),
+        )
         self.pooling = text_config.pooling
 
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -87,6 +97,16 @@ def _hf_group_of(model: nn.Module) -> dict[str, str]:
         digit = next((i for i, part in enumerate(parts) if part.isdigit()), None)
         group_of[name] = ".".join(parts[: digit + 1]) if digit is not None else parts[0]
     return group_of
+
+
+def _query_value_projections(model: nn.Module) -> list[str] | None:
+    """Leaf names of the ``nn.Linear`` query/value projections inside attention modules, or ``None``."""
+    found = [
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and "attention" in name and name.rsplit(".", 1)[-1] in _QUERY_VALUE
+    ]
+    return list(dict.fromkeys(found)) or None
 
 
 def _resolve(name: str) -> str:

@@ -17,6 +17,9 @@ from tl_lightning.backbones.hub import is_offline, torch_hub_file
 HF_HUB_URL = "https://huggingface.co"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 LITE_VARIANTS = (0, 1, 2)
+# PEFT adapter targets of EfficientNet-Lite (strategy=lora|ia3): every pointwise (1x1) convolution, i.e.
+# the expansions (conv_pw) and projections (conv_pwl) of the blocks, and the head-side conv_head
+LITE_PEFT_TARGETS = ["conv_pw", "conv_pwl", "conv_head"]
 
 
 def _unit(name: str) -> str:
@@ -116,7 +119,9 @@ def efficientnet_lite(
         packaged = torch.load(path, map_location="cpu", weights_only=True)
         _check_pretrained_keys(model, packaged, package)
         model.load_state_dict(dict(zip(model.state_dict(), packaged.values(), strict=True)))
-    return _from_timm(model, f"efficientnet_lite{variant}", keep_source_head=pretrained, cut_at=cut_at)
+    return _from_timm(
+        model, f"efficientnet_lite{variant}", pretrained, cut_at=cut_at, peft_targets=LITE_PEFT_TARGETS
+    )
 
 
 def timm_backbone(model_name: str, pretrained: bool = False, cut_at: str | None = None, **kwargs) -> Backbone:
@@ -174,7 +179,13 @@ def _require_cached_or_online(model_name: str) -> None:
         )
 
 
-def _from_timm(model: nn.Module, name: str, keep_source_head: bool, cut_at: str | None = None) -> Backbone:
+def _from_timm(
+    model: nn.Module,
+    name: str,
+    keep_source_head: bool,
+    cut_at: str | None = None,
+    peft_targets: list[str] | None = None,
+) -> Backbone:
     cfg = model.pretrained_cfg
     data_config = DataConfig(
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
@@ -188,5 +199,7 @@ def _from_timm(model: nn.Module, name: str, keep_source_head: bool, cut_at: str 
         source_head = copy_linear(model.get_classifier())
     model.reset_classifier(0)
     group_of = _timm_group_of(model)
-    backbone = Backbone(model, model.num_features, data_config, group_of, source_head, name=name)
+    backbone = Backbone(
+        model, model.num_features, data_config, group_of, source_head, name=name, peft_targets=peft_targets
+    )
     return backbone if cut_at is None else cut_backbone(backbone, cut_at)

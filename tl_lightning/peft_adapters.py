@@ -1,0 +1,263 @@
+"""Parameter-efficient fine-tuning through Hugging Face PEFT: ``strategy=lora`` and ``strategy=ia3``.
+
+:func:`lora` and :func:`ia3` wrap a :class:`~tl_lightning.backbones.Backbone`'s model in a
+``peft.PeftModel`` (``get_peft_model``): only the adapter weights of the backbone train, every base
+weight is frozen; the new target head (outside the backbone) trains in full and the source head stays
+frozen. The adapters attach to the backbone's own ``peft_targets`` (EfficientNet-Lite: the pointwise
+1x1 convolutions and ``conv_head``; Hugging Face encoders: the attention query/value projections)
+unless ``adapter.target_modules`` names others. Layer groups keep working: PEFT renames
+``blocks.3.0.conv_pw.weight`` to ``base_model.model.blocks.3.0.conv_pw.base_layer.weight``, and the
+wrapped backbone maps those names, and the adapter weights of a module, to the module's group.
+
+Normalisation layers with running statistics (BatchNorm) in the frozen base always run in eval mode
+(their statistics stay the pretrained ones, as with ``Freeze(train_bn=False)``).
+
+**Adapter checkpoints** (:func:`keep_changed_only`): the module's ``state_dict()`` - and so every
+Lightning checkpoint, ``checkpoint["state_dict"]`` - holds only what training changes: the adapter
+tensors, under ``backbone.model.base_model.model.<module path>.lora_A.default.weight`` /
+``lora_B.default.weight`` (LoRA; ``ia3_l.default`` for IA3), and the target head, ``heads.target.*``.
+The frozen base and the source head are left out: they are rebuilt from their source, the pretrained
+weights that ``checkpoint["tl_lightning"]["config"]["backbone"]`` describes, with the adapter settings
+in ``config["adapter"]``. ``load_state_dict`` fills the left-out tensors from the module's own (rebuilt)
+weights, so resuming and ``trainer.test(ckpt_path=...)`` work unchanged. :func:`merge_adapter` folds
+the adapters into plain weights (``merge_and_unload``) for inference and export.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from tl_lightning.backbones import Backbone
+from tl_lightning.callbacks import Freeze
+from tl_lightning.feature_cache import changes_trainability
+
+_PEFT_PREFIX = "base_model.model."
+_BASE_LAYER = ".base_layer"
+_HOOKS = "_adapter_state_hooks"
+
+
+def lora(
+    backbone: Backbone,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | str | None = None,
+) -> Backbone:
+    """Wrap ``backbone`` with LoRA adapters (``peft.LoraConfig``): ``W x + (alpha / r) B A x``.
+
+    Args:
+        backbone: The pretrained backbone; its ``model`` is replaced by the ``PeftModel``.
+        r: Rank of the update ``B A``.
+        alpha: Scale numerator (the update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapter's input.
+        target_modules: Module names (a module matches when its path is or ends with ``.<name>``)
+            or one regex matched in full against module paths; ``None``: ``backbone.peft_targets``.
+
+    Raises:
+        ValueError: On a non-positive ``r`` or ``alpha``, a ``dropout`` outside ``[0, 1)``, or a
+            target that matches no module (the message lists module names to choose from).
+
+    Example::
+
+        backbone = lora(efficientnet_lite0(), r=8, alpha=16)
+    """
+    if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(
+            f"adapter: r must be >= 1, alpha > 0 and dropout in [0, 1); got {r}, {alpha}, {dropout}"
+        )
+    targets = _targets(backbone, target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    return wrap_backbone(backbone, config)
+
+
+def ia3(backbone: Backbone, target_modules: Sequence[str] | str | None = None) -> Backbone:
+    """Wrap ``backbone`` with IA3 adapters (``peft.IA3Config``): learned per-channel output scales.
+
+    Each target module's output is multiplied by a learned vector (initialised to ones, so training
+    starts from the pretrained function).
+
+    Args:
+        backbone: The pretrained backbone; its ``model`` is replaced by the ``PeftModel``.
+        target_modules: As for :func:`lora`; ``None``: ``backbone.peft_targets``.
+
+    Raises:
+        ValueError: If a target matches no module (listing module names to choose from).
+    """
+    targets = _targets(backbone, target_modules)
+    return wrap_backbone(backbone, IA3Config(target_modules=targets, feedforward_modules=[]))
+
+
+def wrap_backbone(backbone: Backbone, config: PeftConfig) -> Backbone:
+    """Replace ``backbone.model`` by ``get_peft_model(backbone.model, config)``, in place.
+
+    The layer groups are carried over to PEFT's names (an adapter weight joins the group of the
+    module it adapts), and the norm layers of the frozen base are held in eval mode.
+
+    Returns:
+        ``backbone`` itself.
+    """
+    groups = _prefix_groups(backbone._group_of)
+    wrapped = get_peft_model(backbone.model, config)
+    backbone.model = wrapped
+    backbone._group_of = {name: _group_of_peft_name(name, groups) for name, _ in wrapped.named_parameters()}
+    for module in wrapped.modules():
+        if isinstance(module, _NormBase) and not any(p.requires_grad for p in module.parameters()):
+            module.register_forward_pre_hook(_hold_running_statistics)
+    return backbone
+
+
+def _targets(backbone: Backbone, target_modules: Sequence[str] | str | None) -> list[str] | str:
+    """The checked PEFT ``target_modules``: the given ones, else the backbone's own."""
+    if target_modules is None:
+        if not backbone.peft_targets:
+            raise ValueError(
+                f"backbone {backbone.name!r} declares no PEFT targets: set adapter.target_modules=[...], "
+                f"e.g. from its modules {_module_names(backbone.model)}"
+            )
+        target_modules = backbone.peft_targets
+    targets = target_modules if isinstance(target_modules, str) else [str(t) for t in target_modules]
+    paths = [name for name, _ in backbone.model.named_modules() if name]
+    for target in [targets] if isinstance(targets, str) else targets:
+        if isinstance(targets, str):
+            matched = any(re.fullmatch(target, path) for path in paths)
+        else:
+            matched = any(path == target or path.endswith("." + target) for path in paths)
+        if not matched:
+            raise ValueError(
+                f"adapter.target_modules: {target!r} matches no module of backbone {backbone.name!r}; "
+                f"its weight-bearing modules include {_module_names(backbone.model)}"
+            )
+    return targets
+
+
+def _module_names(model: nn.Module, limit: int = 12) -> list[str]:
+    """Distinct leaf names of the modules holding weights directly (Linear, Conv, ...), in model order."""
+    names = [name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and m._parameters]
+    return list(dict.fromkeys(names))[:limit]
+
+
+def _prefix_groups(group_of: dict[str, str]) -> dict[str, str]:
+    """``{parameter name or module path: layer group}``; a module path takes its first parameter's group."""
+    groups: dict[str, str] = {}
+    for name, group in group_of.items():
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            groups.setdefault(".".join(parts[:end]), group)
+    return groups
+
+
+def _group_of_peft_name(name: str, groups: dict[str, str]) -> str:
+    """The layer group of a parameter of the ``PeftModel``, from the groups of the unwrapped model."""
+    parts = name.removeprefix(_PEFT_PREFIX).replace(_BASE_LAYER, "").split(".")
+    for end in range(len(parts), 0, -1):
+        group = groups.get(".".join(parts[:end]))
+        if group is not None:
+            return group
+    raise KeyError(f"PEFT parameter {name!r} belongs to no layer group of the unwrapped model")
+
+
+def _hold_running_statistics(module: nn.Module, args) -> None:
+    """Forward pre-hook: a frozen norm layer normalises with its running statistics and never updates them."""
+    module.training = False
+
+
+def is_adapted(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` (a :class:`Backbone`) holds a PEFT-wrapped model."""
+    return isinstance(getattr(backbone, "model", None), PeftModel)
+
+
+def keep_changed_only(module: nn.Module, backbone: str = "backbone") -> list[str]:
+    """Leave the frozen tensors of an adapted module out of its ``state_dict`` and refill them on load.
+
+    Left out: every frozen parameter (the PEFT base, the source head) and the buffers of the backbone
+    (running statistics held fixed by eval mode). They are the pretrained weights, which the module
+    was built from and a rebuild reads again. ``load_state_dict`` takes a state without them (it uses
+    the module's current values) or with them (a full checkpoint loads as usual).
+
+    Args:
+        module: The ``LightningModule`` (or any module) whose ``backbone`` attribute is adapted.
+        backbone: Attribute path of the adapted backbone in ``module``.
+
+    Returns:
+        The left-out state keys (relative to ``module``).
+
+    Raises:
+        ValueError: If ``module.<backbone>`` is not adapted (see :func:`is_adapted`).
+    """
+    adapted = module.get_submodule(backbone)
+    if not is_adapted(adapted):
+        raise ValueError(
+            f"{type(module).__name__}.{backbone} holds no PEFT model: wrap it with lora()/ia3() first"
+        )
+    frozen = {id(p) for p in module.parameters() if not p.requires_grad}
+    buffers = {id(b) for b in adapted.buffers()}
+    state = module.state_dict(keep_vars=True)
+    omitted = sorted(k for k, v in state.items() if id(v) in frozen or id(v) in buffers)
+    keys = frozenset(omitted)
+    handles = [
+        module.register_state_dict_post_hook(functools.partial(_drop_keys, keys=keys)),
+        module.register_load_state_dict_pre_hook(functools.partial(_fill_keys, keys=keys)),
+    ]
+    object.__setattr__(module, _HOOKS, handles)
+    return omitted
+
+
+def _drop_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata, *, keys: frozenset) -> None:
+    for key in keys:
+        state_dict.pop(prefix + key, None)
+
+
+def _fill_keys(module: nn.Module, state_dict: dict, prefix: str, *args, keys: frozenset) -> None:
+    current = dict(module.named_parameters()) | dict(module.named_buffers())
+    for key in keys:
+        state_dict.setdefault(prefix + key, current[key])
+
+
+def merge_adapter(module: nn.Module, backbone: str = "backbone") -> bool:
+    """Fold the adapters of ``module.<backbone>`` into plain weights (PEFT ``merge_and_unload``), in place.
+
+    The backbone's model becomes the original architecture again (no adapter modules, no extra
+    inference cost), its layer groups the original names, and ``module.state_dict()`` holds every
+    weight again.
+
+    Returns:
+        Whether there was an adapter to merge.
+    """
+    adapted = module.get_submodule(backbone)
+    if not is_adapted(adapted):
+        return False
+    for handle in getattr(module, _HOOKS, []):
+        handle.remove()
+    if hasattr(module, _HOOKS):
+        object.__delattr__(module, _HOOKS)
+    plain = {
+        name.removeprefix(_PEFT_PREFIX).replace(_BASE_LAYER, ""): group
+        for name, group in adapted._group_of.items()
+    }
+    adapted.model = adapted.model.merge_and_unload()
+    adapted._group_of = {name: plain[name] for name, _ in adapted.model.named_parameters()}
+    return True
+
+
+def check_adapter_callbacks(callbacks: Sequence[pl.Callback], strategy: str) -> None:
+    """Stop before training when a callback would change what an adapter strategy trains.
+
+    ``Freeze`` on the backbone would freeze the adapters too, and ``GradualUnfreeze`` (any callback
+    declaring ``changes_trainability``) would unfreeze the base weights PEFT froze.
+
+    Raises:
+        ValueError: Naming the callbacks and how to switch them off.
+    """
+    clashing = [type(c).__name__ for c in callbacks if isinstance(c, Freeze) or changes_trainability(c)]
+    if clashing:
+        raise ValueError(
+            f"strategy={strategy} trains the adapters and the target head, the base stays frozen; "
+            f"{clashing} would change what trains: remove them (callbacks.<name>=null) or change strategy"
+        )
