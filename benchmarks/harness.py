@@ -1,0 +1,336 @@
+"""The one harness every ``benchmarks/bench_*.py`` script measures with.
+
+A shared 2-core machine makes one-shot timings meaningless: another busy process can slow a run 20x. So:
+
+* arms run **interleaved** in one process (A B C A B C ...), after warm-up rounds that are not kept, and
+  every call is timed in wall time *and* process CPU time (CPU time barely moves when the machine is busy);
+* a comparison is a :class:`Ratio` of the paired rounds (round i of A over round i of B), printed as the
+  median with the min-max of those per-round ratios, so load drifts that hit both arms cancel;
+* thread counts are fixed (:func:`fix_threads`) and printed with the load average in every table;
+* peak memory of an arm is read in a fresh child process (:func:`peak_rss_in_child`), so arms never share
+  a high-water mark;
+* :func:`report` prints a table and, under ``make bench``, appends its rows to the run's JSON-lines file
+  that ``benchmarks/summary.py`` turns into one table.
+
+``torch.utils.benchmark.Timer`` and ``pyperf`` measure one statement at a time with one clock (``Timer``
+refuses a custom clock when an accelerator is present); neither interleaves arms, which is the point here,
+so the timing loop below is the small part they leave out. Thread pools are limited through
+``threadpoolctl``; tables are drawn with ``rich``.
+
+Example::
+
+    import harness
+
+    harness.begin("matmul vs einsum", threads=1)
+    t = harness.interleave({"matmul": lambda: a @ b, "einsum": lambda: torch.einsum("ij,jk", a, b)})
+    harness.report("matmul vs einsum", [("einsum / matmul", harness.ratio(t["einsum"], t["matmul"]))])
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from threadpoolctl import threadpool_limits
+
+SUMMARY_ENV = "TL_BENCH_SUMMARY"
+"""Environment variable naming the JSON-lines file :func:`report` appends to (set by ``make bench``)."""
+
+KINDS = ("cpu", "wall")
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def fix_threads(n: int) -> int:
+    """Use ``n`` threads for torch's intra-op pool and every loaded BLAS/OpenMP pool, children included.
+
+    Args:
+        n: number of threads, >= 1.
+
+    Returns:
+        The thread count torch now reports.
+
+    Raises:
+        ValueError: if ``n`` < 1.
+    """
+    import torch
+
+    if n < 1:
+        raise ValueError(f"fix_threads: n must be >= 1, got {n}")
+    for variable in _THREAD_VARIABLES:  # read by child processes when they load their libraries
+        os.environ[variable] = str(n)
+    threadpool_limits(limits=n)  # pools already loaded in this process (numpy's BLAS, OpenMP)
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def machine() -> str:
+    """One line with what decides a timing: threads, load average, CPUs, torch version."""
+    import torch
+
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (
+        f"{torch.get_num_threads()} torch threads, load average {load} on {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}"
+    )
+
+
+def begin(title: str, threads: int) -> None:
+    """Fix the thread count and print the title with :func:`machine` (call at the start of a benchmark)."""
+    fix_threads(threads)
+    print(f"{title}\n{machine()}", flush=True)
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one arm, one entry per kept round.
+
+    Args:
+        wall: wall-clock seconds (``time.perf_counter``).
+        cpu: CPU seconds of the whole process, all threads (``time.process_time``).
+    """
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def values(self, kind: str = "cpu") -> list[float]:
+        """The per-round seconds of one clock, ``kind`` in :data:`KINDS`."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return self.wall if kind == "wall" else self.cpu
+
+    def median(self, kind: str = "cpu") -> float:
+        return statistics.median(self.values(kind))
+
+    def min(self, kind: str = "cpu") -> float:
+        return min(self.values(kind))
+
+    def max(self, kind: str = "cpu") -> float:
+        return max(self.values(kind))
+
+    def per(self, n: int) -> Timing:
+        """The same timing divided by ``n`` (e.g. seconds per step when each call runs ``n`` steps)."""
+        return Timing([t / n for t in self.wall], [t / n for t in self.cpu])
+
+    def describe(self, kind: str = "cpu") -> str:
+        """``"12.3 ms [11.9-13.0]"``: median and min-max."""
+        scale, unit = (1e3, "ms") if self.max(kind) < 1 else (1.0, "s")
+        low, median, high = (scale * f(kind) for f in (self.min, self.median, self.max))
+        return f"{_number(median)} {unit} [{_number(low)}-{_number(high)}]"
+
+
+def _clocks() -> tuple[float, float]:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
+
+
+def interleave(
+    arms: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    clock: Callable[[], tuple[float, float]] = _clocks,
+) -> dict[str, Timing]:
+    """Call the arms in turn, ``warmup + repeats`` rounds of A B C ..., and time the kept rounds.
+
+    Garbage is collected before every call, outside the timed window, so no arm pays for another's.
+
+    Args:
+        arms: name -> zero-argument callable; one call is one measurement.
+        repeats: rounds kept.
+        warmup: leading rounds run but not kept (first-call costs: allocator, caches, lazy imports).
+        clock: returns ``(wall seconds, CPU seconds)``; read right before and after each call.
+
+    Returns:
+        name -> :class:`Timing` with ``repeats`` entries per clock.
+
+    Raises:
+        ValueError: for no arms, ``repeats`` < 1 or ``warmup`` < 0.
+    """
+    if not arms or repeats < 1 or warmup < 0:
+        raise ValueError(
+            f"interleave needs at least one arm, repeats >= 1 and warmup >= 0; got {len(arms)} arms, "
+            f"repeats={repeats}, warmup={warmup}"
+        )
+    timings = {name: Timing() for name in arms}
+    for round_ in range(warmup + repeats):
+        for name, call in arms.items():
+            gc.collect()
+            wall, cpu = clock()
+            call()
+            wall_end, cpu_end = clock()
+            if round_ >= warmup:
+                timings[name].wall.append(wall_end - wall)
+                timings[name].cpu.append(cpu_end - cpu)
+    return timings
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A over B from paired rounds: the median of the per-round ratios and their min (low) and max (high)."""
+
+    median: float
+    low: float
+    high: float
+    kind: str = "cpu"
+
+    def __str__(self) -> str:
+        return f"{_number(self.median)}x [{_number(self.low)}-{_number(self.high)}]"
+
+
+def ratio(a: Timing, b: Timing, kind: str = "cpu") -> Ratio:
+    """``a / b`` round by round (round i of ``a`` was measured next to round i of ``b``).
+
+    Raises:
+        ValueError: if the two timings have different numbers of rounds, or ``kind`` is unknown.
+    """
+    top, bottom = a.values(kind), b.values(kind)
+    if len(top) != len(bottom):
+        raise ValueError(f"ratio needs paired rounds: {len(top)} vs {len(bottom)}")
+    pairs = [x / y for x, y in zip(top, bottom, strict=True)]
+    return Ratio(statistics.median(pairs), min(pairs), max(pairs), kind)
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def peak_rss_in_child(target: str, *args: Any) -> int:
+    """Peak resident memory, in bytes, of a fresh Python process that runs ``target(*args)``.
+
+    ``target`` is ``"package.module:function"``, ``"path/to/script.py:function"``, a module next to this
+    file (``"bench_fisher:function"``), or ``"__main__:function"`` for the calling script's own function.
+    The child starts with the caller's thread count and inherits its stdout/stderr.
+
+    The high-water mark counts from the child's start (interpreter, imports and all). If the function
+    returns a callable, that callable is the arm: the high-water mark is reset (Linux ``clear_refs``)
+    after the function returns and read after the callable ran, so set-up spikes are left out while the
+    memory the set-up still holds counts.
+
+    Args:
+        target: what to run, as above.
+        args: JSON-serialisable positional arguments.
+
+    Returns:
+        Peak RSS in bytes (``VmHWM``; ``ru_maxrss`` where ``/proc`` is missing).
+
+    Raises:
+        RuntimeError: if the child exits with an error (its traceback is on stderr).
+    """
+    module, _, function = target.partition(":")
+    if module == "__main__":
+        module = os.path.abspath(sys.modules["__main__"].__file__)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "peak.json"
+        command = [sys.executable, os.path.abspath(__file__), "--child", f"{module}:{function}"]
+        command += ["--threads", str(_threads()), "--args", json.dumps(args), "--out", str(out)]
+        code = subprocess.run(command, check=False).returncode
+        if code != 0:
+            raise RuntimeError(f"peak_rss_in_child({target!r}, ...) failed: the child exited with {code}")
+        return json.loads(out.read_text())["peak"]
+
+
+def _threads() -> int:
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch else int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module_name, _, function = target.partition(":")
+    if not function:
+        raise ValueError(f"target must be 'module:function' or 'path.py:function', got {target!r}")
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, function)
+
+
+def _high_water_mark() -> int:
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def _child(target: str, threads: int, args: list[Any], out: Path) -> None:
+    # the harness itself imports no torch here, so a torch-free target measures only itself
+    for variable in _THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+    set_up = _resolve(target)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    arm = set_up(*args)
+    if callable(arm):
+        clear_refs = Path("/proc/self/clear_refs")
+        if clear_refs.exists():
+            clear_refs.write_text("5")  # high-water mark := current RSS
+        arm()
+    out.write_text(json.dumps({"peak": _high_water_mark()}))
+
+
+def report(title: str, rows: list[tuple[str, str | Ratio]]) -> None:
+    """Print ``rows`` as a table under ``title`` and the machine line; append them to the run's summary.
+
+    Under ``make bench`` (environment variable ``TL_BENCH_SUMMARY`` set to a JSON-lines file) every row
+    becomes one JSON line ``{"title", "label", "value", "machine"}``, plus ``median``/``low``/``high``/
+    ``kind`` for a :class:`Ratio`. Without the variable nothing is written.
+
+    Args:
+        title: what was measured (benchmark and setting); the summary groups rows by it.
+        rows: ``(label, value)``; a value is a :class:`Ratio` or any preformatted string.
+    """
+    table = Table(title=title, title_justify="left")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    for label, value in rows:
+        table.add_row(label, str(value))
+    Console(width=120).print(table)
+    print(machine(), flush=True)
+    path = os.environ.get(SUMMARY_ENV)
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        for label, value in rows:
+            row = {"title": title, "label": label, "value": str(value), "machine": machine()}
+            if isinstance(value, Ratio):
+                row |= {"median": value.median, "low": value.low, "high": value.high, "kind": value.kind}
+            file.write(json.dumps(row) + "\n")
+
+
+def skip(title: str, reason: str) -> None:
+    """Report a benchmark (or part of one) as not run, e.g. an optional dependency is missing."""
+    report(title, [("skipped", reason)])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="child process of peak_rss_in_child (internal)")
+    parser.add_argument("--child", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--args", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    options = parser.parse_args()
+    _child(options.child, options.threads, json.loads(options.args), options.out)

@@ -1,0 +1,155 @@
+"""benchmarks/harness.py: interleaving, warm-up, paired ratios, child-process peaks, the JSON summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("harness")
+MiB = 2**20
+
+
+class FakeClock:
+    """A clock that only moves when an arm says so: (wall, cpu) advance by the durations arms add."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __call__(self) -> tuple[float, float]:
+        return self.wall, self.cpu
+
+    def spend(self, wall: float, cpu: float) -> None:
+        self.wall += wall
+        self.cpu += cpu
+
+
+def test_interleave_runs_arms_in_turn_and_drops_warmup_rounds():
+    clock, calls = FakeClock(), []
+    durations = {"a": iter([100.0, 1.0, 2.0, 3.0]), "b": iter([200.0, 10.0, 20.0, 30.0])}
+
+    def arm(name: str):
+        def call() -> None:
+            calls.append(name)
+            seconds = next(durations[name])
+            clock.spend(seconds, seconds / 2)
+
+        return call
+
+    timings = harness.interleave({"a": arm("a"), "b": arm("b")}, repeats=3, warmup=1, clock=clock)
+
+    assert calls == ["a", "b"] * 4
+    assert timings["a"].wall == [1.0, 2.0, 3.0]  # the 100 s warm-up call is not kept
+    assert timings["a"].cpu == [0.5, 1.0, 1.5]
+    assert timings["b"].wall == [10.0, 20.0, 30.0]
+    assert (timings["b"].median("wall"), timings["b"].min("wall"), timings["b"].max("wall")) == (20, 10, 30)
+    assert timings["b"].per(10).wall == [1.0, 2.0, 3.0]
+
+
+def test_interleave_without_warmup_keeps_every_call():
+    clock = FakeClock()
+    timings = harness.interleave({"a": lambda: clock.spend(1.0, 1.0)}, repeats=2, warmup=0, clock=clock)
+    assert timings["a"].cpu == [1.0, 1.0]
+
+
+def test_ratio_spread_comes_from_paired_rounds():
+    a = harness.Timing(wall=[2.0, 4.0, 9.0], cpu=[1.0, 1.0, 1.0])
+    b = harness.Timing(wall=[1.0, 4.0, 3.0], cpu=[4.0, 2.0, 1.0])
+    wall = harness.ratio(a, b, kind="wall")
+    # per-round ratios 2, 1, 3; the ratio of the medians (4 / 3) would be wrong
+    assert (wall.median, wall.low, wall.high) == (2.0, 1.0, 3.0)
+    assert str(wall) == "2.00x [1.00-3.00]"
+    cpu = harness.ratio(a, b)
+    assert (cpu.median, cpu.low, cpu.high, cpu.kind) == (0.5, 0.25, 1.0, "cpu")
+
+
+def test_ratio_and_timing_reject_bad_input():
+    with pytest.raises(ValueError, match="paired rounds: 2 vs 1"):
+        harness.ratio(harness.Timing([1.0, 1.0], [1.0, 1.0]), harness.Timing([1.0], [1.0]))
+    with pytest.raises(ValueError, match=r"kind must be one of \('cpu', 'wall'\)"):
+        harness.Timing([1.0], [1.0]).median("gpu")
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        harness.interleave({"a": lambda: None}, repeats=0)
+
+
+def test_fix_threads_sets_torch_and_child_environment(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(variable, "7")
+    try:
+        assert harness.fix_threads(1) == 1
+        assert torch.get_num_threads() == 1
+        assert harness.os.environ["OMP_NUM_THREADS"] == "1"
+        assert "1 torch threads, load average" in harness.machine()
+    finally:
+        torch.set_num_threads(before)
+
+
+def allocate(mib: int) -> int:
+    """Child target: hold ``mib`` MiB of written (resident) bytes."""
+    block = b"\x01" * (mib * MiB)
+    return len(block)
+
+
+def spike_then_arm(spike_mib: int, arm_mib: int):
+    """Child target: a set-up that touches ``spike_mib`` MiB and frees it, then an arm holding ``arm_mib``."""
+    allocate(spike_mib)
+    return lambda: allocate(arm_mib)
+
+
+def test_peak_rss_in_child_sees_what_the_child_allocated():
+    target = f"{__file__}:"
+    idle = harness.peak_rss_in_child(target + "spike_then_arm", 0, 0)
+    busy = harness.peak_rss_in_child(target + "spike_then_arm", 0, 200)
+    # two fresh interpreters' resident baselines differ by ~100 KiB, hence the 1 MiB allowance
+    assert 199 * MiB <= busy - idle < 220 * MiB
+    # the high-water mark is reset after the set-up: its 300 MiB spike is left out
+    arm_only = harness.peak_rss_in_child(target + "spike_then_arm", 300, 0)
+    assert arm_only < idle + 100 * MiB
+    # without an arm callable, the peak counts from the child's start (the spike is in)
+    whole = harness.peak_rss_in_child(target + "allocate", 300)
+    assert whole - idle >= 250 * MiB
+
+
+def test_peak_rss_in_child_names_a_failing_target():
+    with pytest.raises(RuntimeError, match="'no_such_module_xyz:f'.*exited with 1"):
+        harness.peak_rss_in_child("no_such_module_xyz:f")
+
+
+def test_report_appends_rows_to_the_summary(tmp_path, monkeypatch, capsys):
+    summary = tmp_path / "rows.jsonl"
+    monkeypatch.setenv(harness.SUMMARY_ENV, str(summary))
+    rows = [("ours / plain", harness.Ratio(1.5, 1.25, 2.0)), ("step", "12 ms [11-13]")]
+    harness.report("loop", rows)
+    harness.skip("peers", "opacus is not installed")
+    lines = [json.loads(line) for line in summary.read_text().splitlines()]
+    assert [(r["title"], r["label"], r["value"]) for r in lines] == [
+        ("loop", "ours / plain", "1.50x [1.25-2.00]"),
+        ("loop", "step", "12 ms [11-13]"),
+        ("peers", "skipped", "opacus is not installed"),
+    ]
+    assert (lines[0]["median"], lines[0]["low"], lines[0]["high"], lines[0]["kind"]) == (
+        1.5,
+        1.25,
+        2.0,
+        "cpu",
+    )
+    assert "median" not in lines[1]
+    out = capsys.readouterr().out
+    assert "1.50x [1.25-2.00]" in out and "load average" in out
