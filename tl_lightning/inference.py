@@ -67,6 +67,7 @@ def load_trained(path: str | Path) -> TrainedModel:
 
     Args:
         path: ``checkpoints/*.ckpt`` of a run, or ``model.safetensors`` written by ``export.py``.
+            The adapters of a ``strategy=lora|ia3`` checkpoint are merged into plain weights.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -92,6 +93,11 @@ def load_trained(path: str | Path) -> TrainedModel:
             f"{str(path)!r}: cannot rebuild the model its stored config describes: {error}"
         ) from error
     _load_weights(module, state_dict, path)
+    if metadata["config"].get("adapter") is not None:  # strategy=lora|ia3
+        from tl_lightning.peft_adapters import merge_adapter
+
+        merge_adapter(module)  # plain weights again: no adapter modules, no extra inference cost
+        metadata = {**metadata, "config": {**metadata["config"], "adapter": None}}
     data_config = as_data_config(metadata["data_config"])
     image_size = (metadata["config"].get("data") or {}).get("image_size") or data_config.input_size[-1]
     return TrainedModel(module.eval(), list(metadata["class_names"]), data_config, int(image_size), metadata)
