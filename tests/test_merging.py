@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF_DIR, FAST
+from hydra import compose, initialize_config_dir
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from tl_lightning.backbones import efficientnet_lite0
+from tl_lightning.checkpointing import load_checkpoint
+from tl_lightning.data import DigitsDataModule
+from tl_lightning.inference import load_trained
 from tl_lightning.merging import (
     TaskVector,
     apply_task_vector,
     lora_task_vector,
+    merge_checkpoints,
     merge_task_vectors,
     state_fingerprint,
     task_vector,
 )
+from tl_lightning.pipeline import pretrained_backbone, rebuild_module, train
 
 
 def _tiny_model(seed: int = 0) -> nn.Module:
@@ -207,3 +218,111 @@ def test_lora_task_vector_equals_merged_minus_base_weights():
         lora_task_vector(peft_model, shifted)
     with pytest.raises(ValueError, match="no LoRA layer with adapter 'other'"):
         lora_task_vector(peft_model, pretrained, adapter_name="other")
+
+
+_MERGE_SCRIPT = importlib.util.spec_from_file_location(
+    "tl_merge_script", Path(__file__).resolve().parent.parent / "scripts" / "merge.py"
+)
+merge_script = importlib.util.module_from_spec(_MERGE_SCRIPT)
+_MERGE_SCRIPT.loader.exec_module(merge_script)
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory):
+    """Lite0 fine-tuned (3 steps, 32 px) on digits 0-4 and on 5-9: two train.py checkpoints of one base."""
+    root = tmp_path_factory.mktemp("merge_runs")
+    paths = {}
+    for task, classes in (("A", "[0,1,2,3,4]"), ("B", "[5,6,7,8,9]")):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[
+                    *FAST,
+                    "strategy=full_finetune",
+                    "module.optimizer.lr=1e-2",
+                    f"data.classes={classes}",
+                    "logger=none",
+                    f"paths.output_dir={root / task}",
+                ],
+            )
+        train(cfg)
+        paths[task] = root / task / "checkpoints" / "last.ckpt"
+    return paths
+
+
+def _digit_batch() -> torch.Tensor:
+    data = DigitsDataModule(efficientnet_lite0(pretrained=False).data_config, image_size=32)
+    data.setup()
+    return torch.stack([data.test_set[i][0] for i in range(8)])
+
+
+def test_merged_checkpoint_gives_the_logits_of_the_merged_state(two_tasks, tmp_path):
+    a, b = str(two_tasks["A"]), str(two_tasks["B"])
+    out = tmp_path / "merged"
+    merge_script.main(["--vectors", a, b, "--weights", "0.6", "0.3", "--out", str(out)])
+    assert json.loads((out / "merge.json").read_text())["files"] == {
+        str(out / "head0.ckpt"): a,
+        str(out / "head1.ckpt"): b,
+    }
+    checkpoint_a, checkpoint_b = load_checkpoint(a), load_checkpoint(b)
+    config = checkpoint_a["tl_lightning"]["config"]
+    pretrained = {k: v.clone() for k, v in pretrained_backbone(config).state_dict().items()}
+    # the merged state by hand: theta_pre + 0.6 tau_A + 0.3 tau_B over floating-point tensors
+    merged = {}
+    for key, base in pretrained.items():
+        ft_a, ft_b = (
+            checkpoint_a["state_dict"][f"backbone.{key}"],
+            checkpoint_b["state_dict"][f"backbone.{key}"],
+        )
+        merged[key] = base + (0.6 * (ft_a - base) + 0.3 * (ft_b - base)) if base.is_floating_point() else base
+    assert not torch.equal(merged["model.conv_stem.weight"], pretrained["model.conv_stem.weight"])
+    images = _digit_batch()
+    for index, checkpoint in enumerate((checkpoint_a, checkpoint_b)):
+        written = load_checkpoint(out / f"head{index}.ckpt")
+        assert not any(k.startswith("ModelCheckpoint") for k in written["callbacks"])
+        assert written["tl_lightning"]["merge"]["weights"] == [0.6, 0.3]
+        reference = rebuild_module(config, 5).eval()
+        heads = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("heads.target.")}
+        reference.load_state_dict({f"backbone.{k}": v for k, v in merged.items()} | heads)
+        loaded = load_trained(out / f"head{index}.ckpt").module
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(images), reference(images), rtol=0, atol=1e-6)
+
+
+def test_negated_checkpoint_keeps_the_chosen_head(two_tasks, tmp_path):
+    a, b = str(two_tasks["A"]), str(two_tasks["B"])
+    out = tmp_path / "negated"
+    merge_script.main(["--vectors", b, "--weights", "-0.5", "--heads", a, "--out", str(out)])
+    written, checkpoint_a, checkpoint_b = (
+        load_checkpoint(out / "head0.ckpt"),
+        load_checkpoint(a),
+        load_checkpoint(b),
+    )
+    pretrained = pretrained_backbone(checkpoint_a["tl_lightning"]["config"]).state_dict()
+    key = "model.blocks.3.0.conv_pw.weight"
+    base = pretrained[key]
+    expected = base + (-0.5) * (checkpoint_b["state_dict"][f"backbone.{key}"] - base)
+    torch.testing.assert_close(written["state_dict"][f"backbone.{key}"], expected, rtol=0, atol=1e-7)
+    assert torch.equal(
+        written["state_dict"]["heads.target.1.weight"], checkpoint_a["state_dict"]["heads.target.1.weight"]
+    )
+
+
+def test_checkpoints_of_different_bases_are_an_error(two_tasks, tmp_path):
+    a = str(two_tasks["A"])
+    other = load_checkpoint(a)
+    other["tl_lightning"]["config"]["backbone"]["cut_at"] = "blocks.4"  # another architecture (a cut Lite0)
+    torch.save(other, tmp_path / "cut.ckpt")
+    with pytest.raises(
+        ValueError, match=r"'.*cut.ckpt': task_vector\(finetuned, pretrained\): different architectures"
+    ):
+        merge_checkpoints([a, str(tmp_path / "cut.ckpt")], [0.5, 0.5])
+    with pytest.raises(
+        ValueError, match=r"'.*last.ckpt' and '.*cut.ckpt' were fine-tuned from different pretrained"
+    ):
+        merge_checkpoints([a], [0.5], head_paths=[a, str(tmp_path / "cut.ckpt")])
+    other = load_checkpoint(a)
+    other["tl_lightning"]["config"]["backbone"]["pretrained"] = False
+    torch.save(other, tmp_path / "scratch.ckpt")
+    with pytest.raises(ValueError, match="trained from a random init"):
+        merge_checkpoints([str(tmp_path / "scratch.ckpt")], [1.0])

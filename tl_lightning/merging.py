@@ -40,6 +40,8 @@ import torch
 from peft.utils import merge_utils
 from torch import nn
 
+from tl_lightning.checkpointing import METADATA_KEY, load_checkpoint
+
 BN_STATS_SUFFIXES = (".running_mean", ".running_var")
 BN_STATS_MODES = ("merge", "base")
 # method -> (PEFT function, whether it takes a density, whether it takes a majority-sign method)
@@ -279,3 +281,153 @@ def lora_task_vector(
         with torch.no_grad():
             deltas[key] = module.get_delta_weight(adapter_name).detach().cpu().to(pretrained[key].dtype)
     return TaskVector(deltas, state_fingerprint(pretrained))
+
+
+# --- checkpoints written by train.py -------------------------------------------------------------
+
+BACKBONE_PREFIX = "backbone."
+
+
+def backbone_state(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """The backbone's weights in a ``TransferModule`` checkpoint, without the ``backbone.`` prefix.
+
+    Raises:
+        ValueError: If the checkpoint holds no backbone weights.
+    """
+    state = {
+        k.removeprefix(BACKBONE_PREFIX): v
+        for k, v in checkpoint.get("state_dict", {}).items()
+        if k.startswith(BACKBONE_PREFIX)
+    }
+    if not state:
+        raise ValueError("the checkpoint holds no 'backbone.*' weights")
+    return state
+
+
+class CheckpointBases:
+    """The pretrained backbone state of each ``train.py`` checkpoint, built once per recorded backbone config.
+
+    The base of a fine-tune is what its recorded ``backbone`` node builds (``pretrained=true`` reads the
+    packaged weights, ``from_checkpoint`` its source checkpoint), see
+    :func:`tl_lightning.pipeline.pretrained_backbone`.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, checkpoint: Mapping, path: str) -> dict[str, torch.Tensor]:
+        """The base state of ``checkpoint`` (read from ``path``, named in errors).
+
+        Raises:
+            ValueError: If the checkpoint lacks the ``tl_lightning`` run config, or its backbone started
+                from a random init (``pretrained=false``).
+        """
+        from tl_lightning.pipeline import pretrained_backbone
+
+        config = (checkpoint.get(METADATA_KEY) or {}).get("config")
+        if not isinstance(config, dict) or not isinstance(config.get("backbone"), dict):
+            raise ValueError(
+                f"{path!r} has no {METADATA_KEY!r} run config with a backbone node: it was not written by "
+                "train.py, so its pretrained base cannot be rebuilt"
+            )
+        if config["backbone"].get("pretrained") is False:
+            raise ValueError(
+                f"{path!r} was trained from a random init (backbone.pretrained=false): there is no "
+                "pretrained base to take a task vector against"
+            )
+        key = repr(sorted(config["backbone"].items()))
+        if key not in self._states:
+            self._states[key] = {
+                k: v.detach().clone() for k, v in pretrained_backbone(config).state_dict().items()
+            }
+        return self._states[key]
+
+
+def merge_checkpoints(
+    vector_paths: Sequence[str],
+    weights: Sequence[float],
+    head_paths: Sequence[str] | None = None,
+    method: str = "task_arithmetic",
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    seed: int = 0,
+    bn_stats: str = "merge",
+) -> list[dict]:
+    """Merge the backbones of fine-tuned ``train.py`` checkpoints; one evaluable checkpoint per kept head.
+
+    Each task vector is a checkpoint's backbone minus the pretrained backbone its recorded config
+    builds. The merged backbone (``theta_pre + merge(tau_i, w_i)``, see :func:`merge_task_vectors`) goes
+    into a copy of every checkpoint of ``head_paths``, whose heads, run metadata and loop state are kept,
+    so ``load_trained``/``predict.py``/``export.py``, Lightning's test loop and ``train.py
+    ckpt_path=...`` (a finished run: fit does nothing, the test runs) evaluate it with that head. The
+    ``ModelCheckpoint`` states are dropped (they name the fine-tune's files, which the test after a
+    resumed fit would otherwise load), and ``checkpoint["tl_lightning"]["merge"]`` records the recipe.
+
+    Args:
+        vector_paths: Fine-tuned checkpoints whose task vectors are merged.
+        weights: One coefficient per vector (negative to subtract a task).
+        head_paths: Checkpoints whose heads are kept (default: ``vector_paths``); e.g. task A's
+            checkpoint when ``-tau_B`` is applied.
+        method, density, majority_sign_method, seed: As :func:`merge_task_vectors`.
+        bn_stats: As :func:`task_vector`.
+
+    Raises:
+        ValueError: If a checkpoint lacks the run config, or the checkpoints were fine-tuned from
+            different pretrained weights or architectures (naming both files), or as
+            :func:`merge_task_vectors`.
+        FileNotFoundError: If a file does not exist.
+    """
+    head_paths = list(vector_paths if head_paths is None else head_paths)
+    bases = CheckpointBases()
+    fingerprints: dict[str, str] = {}
+    vectors = []
+    for path in vector_paths:
+        checkpoint = load_checkpoint(path)
+        base = bases(checkpoint, str(path))
+        try:
+            vectors.append(task_vector(backbone_state(checkpoint), base, bn_stats))
+        except ValueError as error:
+            raise ValueError(f"{str(path)!r}: {error}") from error
+        fingerprints[str(path)] = vectors[-1].base_fingerprint
+    heads = []
+    for path in head_paths:
+        checkpoint = load_checkpoint(path)
+        base = bases(checkpoint, str(path))
+        fingerprints[str(path)] = state_fingerprint(base)
+        heads.append((path, checkpoint, base))
+    _check_same_bases(fingerprints)
+    merged_vector = merge_task_vectors(vectors, weights, method, density, majority_sign_method, seed)
+    merged_backbone = apply_task_vector(heads[0][2], merged_vector)
+    recipe = {
+        "method": method,
+        "weights": [float(w) for w in weights],
+        "density": density,
+        "majority_sign_method": majority_sign_method,
+        "seed": seed,
+        "bn_stats": bn_stats,
+        "vectors": [str(p) for p in vector_paths],
+        "base_fingerprint": merged_vector.base_fingerprint,
+    }
+    merged = []
+    for path, checkpoint, _ in heads:
+        state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(BACKBONE_PREFIX)}
+        state |= {BACKBONE_PREFIX + k: v for k, v in merged_backbone.items()}
+        checkpoint["state_dict"] = state
+        checkpoint["callbacks"] = {
+            k: v for k, v in checkpoint.get("callbacks", {}).items() if not k.startswith("ModelCheckpoint")
+        }
+        checkpoint[METADATA_KEY] = dict(checkpoint[METADATA_KEY]) | {"merge": recipe | {"head": str(path)}}
+        merged.append(checkpoint)
+    return merged
+
+
+def _check_same_bases(fingerprints: Mapping[str, str]) -> None:
+    """Stop unless all checkpoints were fine-tuned from the same base weights, naming two that differ."""
+    (first, expected), *rest = fingerprints.items()
+    for path, fingerprint in rest:
+        if fingerprint != expected:
+            raise ValueError(
+                f"{first!r} and {path!r} were fine-tuned from different pretrained weights (base "
+                f"fingerprints {expected[:12]}... and {fingerprint[:12]}...): their recorded backbone "
+                "configs build different bases; only fine-tunes of the same base can be merged"
+            )
