@@ -22,6 +22,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+_CACHE_BYTES = 8 * 2**20  # per-sample gradients materialised at once by a rule, so squaring stays in cache
+
 # sums: {local parameter name ("weight"/"bias"): accumulator}; rules add Σ_n g_n² of a (chunk of) samples
 Rule = Callable[[nn.Module, Tensor, Tensor, dict[str, Tensor], int], None]
 
@@ -50,9 +52,14 @@ def layer_rule(module: nn.Module) -> tuple[Rule | None, str]:
     if base is None:
         return None, f"no per-layer rule for {type(module).__name__}"
     if type(module).forward is not base.forward:
-        # subclasses such as timm's Conv2dSame (pads in forward) or BatchNormAct2d: differentiate the
-        # module's own forward per sample, layer-locally
-        return _vjp_rule, f"{type(module).__name__} (per-layer vjp)"
+        # subclasses such as timm's Conv2dSame (pads in forward) or BatchNormAct2d (activation after the
+        # normalisation): a closed form when the probe confirms ``replay``, else the module's own forward
+        # differentiated per sample, layer-locally
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _has_act(module):
+            return _batch_norm_act, f"{type(module).__name__} (BatchNorm + activation)"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and _unpadded(module):
+            return _same_conv, f"{type(module).__name__} (TF 'same' padding)"
+        return vjp_rule, f"{type(module).__name__} (per-layer vjp)"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
         return None, "BatchNorm without running statistics mixes samples"
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
@@ -60,7 +67,7 @@ def layer_rule(module: nn.Module) -> tuple[Rule | None, str]:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
         isinstance(module.padding, str) or module.padding_mode != "zeros"
     ):
-        return _vjp_rule, f"{type(module).__name__} (per-layer vjp)"
+        return vjp_rule, f"{type(module).__name__} (per-layer vjp)"
     rules: dict[type[nn.Module], Rule] = {
         nn.Linear: _linear,
         nn.Conv1d: _conv,
@@ -87,6 +94,9 @@ class LayerHooks:
         max_bytes: Cap on the per-sample gradients one layer materialises at a time.
         dtype: Dtype of the anchor (the model's).
         device: Device of the anchor.
+
+    Set ``verify`` before a forward to collect in ``mismatched`` the layers whose closed-form rule assumes a
+    forward (``REPLAYS``) that the layer does not compute on this input.
     """
 
     def __init__(
@@ -102,6 +112,8 @@ class LayerHooks:
         self.batch = 0
         self.enabled = False
         self.calls: dict[nn.Module, list[tuple[int, int]]] = {}
+        self.verify = False
+        self.mismatched: set[nn.Module] = set()
         self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> LayerHooks:
@@ -132,12 +144,19 @@ class LayerHooks:
         if output.dim() and output.shape[0] == 1 and a.dim() and a.shape[0] == 1 and self.batch > 1:
             output = output.expand(self.batch, *output.shape[1:])
             a = a.expand(self.batch, *a.shape[1:])
+        replay = REPLAYS.get(self.rules[module])
+        if self.verify and replay is not None and not _same(replay(module, a), output.detach()):
+            self.mismatched.add(module)
         out = output + self.anchor
         out.register_hook(partial(self._backward, module, a))
         return out
 
     def _backward(self, module: nn.Module, a: Tensor, g: Tensor) -> None:
         self.rules[module](module, a, g, self.sums[module], self.max_bytes)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def _slices(n: int, per_sample_bytes: int, max_bytes: int) -> Iterator[slice]:
@@ -166,42 +185,154 @@ def _linear(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], ma
     if "bias" in sums:
         _add_squares(sums, {"bias": g3.sum(1)})
     if "weight" in sums:
-        for sl in _slices(n, module.weight.numel() * g.element_size(), max_bytes):
-            _add_squares(sums, {"weight": g3[sl].transpose(1, 2) @ a3[sl]})
+        acc = sums["weight"]
+        for sl in _slices(n, module.weight.numel() * g.element_size(), min(max_bytes, _CACHE_BYTES)):
+            acc += (g3[sl].transpose(1, 2) @ a3[sl]).to(acc.dtype).square_().sum(0)
 
 
 def _conv(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], max_bytes: int) -> None:
+    conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
+    _conv_squares(conv, a, g, sums, max_bytes, tuple(conv.padding))
+
+
+def _same_conv(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], max_bytes: int) -> None:
+    """A convolution that pads TF-style ("same") in ``forward``: the conv rule on the padded input."""
+    conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
+    _conv_squares(conv, F.pad(a, _same_padding(conv, a)), g, sums, max_bytes, (0,) * (a.dim() - 2))
+
+
+def _conv_squares(
+    conv: nn.Conv1d | nn.Conv2d,
+    a: Tensor,
+    g: Tensor,
+    sums: dict[str, Tensor],
+    max_bytes: int,
+    padding: tuple[int, ...],
+) -> None:
     n = a.shape[0]
     if "bias" in sums:
         _add_squares(sums, {"bias": g.reshape(n, g.shape[1], -1).sum(-1)})
     if "weight" not in sums:
         return
-    conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
     if a.dim() == 3:  # Conv1d as a Conv2d of height 1
         a, g = a.unsqueeze(2), g.unsqueeze(2)
-    flat = conv.weight.dim() == 3
-    kernel, stride, dilation = (
-        (1, *v) if flat else tuple(v) for v in (conv.kernel_size, conv.stride, conv.dilation)
-    )
-    padding = (0, *conv.padding) if flat else tuple(conv.padding)
+        kernel, stride, dilation = ((1, *v) for v in (conv.kernel_size, conv.stride, conv.dilation))
+        padding = (0, *padding)
+    else:
+        kernel, stride, dilation = (tuple(v) for v in (conv.kernel_size, conv.stride, conv.dilation))
     groups, out_channels = conv.groups, conv.out_channels
-    cin = a.shape[1] // groups
-    span = kernel[0] * kernel[1]
-    unfold_bytes = a.shape[1] * span * g.shape[2] * g.shape[3] * a.element_size()
-    for sl in _slices(n, unfold_bytes + conv.weight.numel() * a.element_size(), max_bytes):
-        m = a[sl].shape[0]
-        cols = F.unfold(a[sl], kernel, dilation=dilation, padding=padding, stride=stride)
-        cols = cols.reshape(m, groups, cin * span, -1)
-        delta = g[sl].reshape(m, groups, out_channels // groups, -1)
-        per_sample = torch.einsum("ngol,ngkl->ngok", delta, cols)
-        _add_squares(sums, {"weight": per_sample.reshape(m, *conv.weight.shape)})
+    k = a.shape[1] // groups * kernel[0] * kernel[1]
+    length = g.shape[2] * g.shape[3]
+    pointwise = kernel == (1, 1) and padding == (0, 0)
+    if a.shape[1] == groups and not pointwise:
+        _depthwise_squares(conv, a, g, sums, kernel, stride, dilation, padding)
+        return
+    # per-sample gradients δ_n colsₙᵀ a few samples at a time: in cache while squared, unfold within budget
+    unfold_bytes = 0 if pointwise else a.shape[1] * kernel[0] * kernel[1] * length * a.element_size()
+    step = min(
+        _CACHE_BYTES // max(1, conv.weight.numel() * a.element_size()),
+        max_bytes // max(1, unfold_bytes + conv.weight.numel() * a.element_size()),
+    )
+    delta = g.reshape(n, groups, out_channels // groups, length)
+    acc = sums["weight"]
+    for sl in _slices(n, 1, step):
+        part = a[sl]
+        if pointwise:  # a 1x1 convolution reads the (strided) input itself: no unfold
+            cols = part[:, :, :: stride[0], :: stride[1]].reshape(-1, groups, k, length)
+        else:
+            cols = F.unfold(part, kernel, dilation=dilation, padding=padding, stride=stride)
+            cols = cols.reshape(-1, groups, k, length)
+        per_sample = torch.matmul(delta[sl], cols.transpose(-1, -2))
+        acc += per_sample.to(acc.dtype).square_().sum(0).reshape(acc.shape)
+
+
+def _depthwise_squares(
+    conv: nn.Conv1d | nn.Conv2d,
+    a: Tensor,
+    g: Tensor,
+    sums: dict[str, Tensor],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[int, ...],
+) -> None:
+    """One input channel per group: every sample's gradient at once as a convolution with ``n·C`` groups.
+
+    ``∂W_n[o, i, j] = Σ_yx δ_n[o, y, x] a_n[c(o), y·s + i·d, x·s + j·d]`` is the input correlated with
+    ``δ`` as the kernel, with stride and dilation swapped; on a CPU this is 4-10x faster than unfolding
+    the input (measured on EfficientNet-Lite0's depthwise layers, 1 thread).
+    """
+    n, channels = a.shape[:2]
+    padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    out = F.conv2d(
+        padded.reshape(1, n * channels, *padded.shape[2:]),
+        g.reshape(n * g.shape[1], 1, *g.shape[2:]),
+        stride=dilation,
+        dilation=stride,
+        groups=n * channels,
+    )
+    acc = sums["weight"]
+    per_sample = out[0, :, : kernel[0], : kernel[1]].reshape(n, *acc.shape)
+    acc += per_sample.to(acc.dtype).square_().sum(0)
+
+
+def _same_padding(conv: nn.Conv1d | nn.Conv2d, a: Tensor) -> tuple[int, ...]:
+    """``F.pad`` amounts (last dimension first) of TensorFlow's "same" padding for ``a``."""
+    pads: list[int] = []
+    for size, k, s, d in reversed(
+        list(zip(a.shape[2:], conv.kernel_size, conv.stride, conv.dilation, strict=True))
+    ):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def _same_conv_replay(module: nn.Module, a: Tensor) -> Tensor:
+    conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
+    fn = F.conv1d if a.dim() == 3 else F.conv2d
+    return fn(
+        F.pad(a, _same_padding(conv, a)), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups
+    )
+
+
+def _unpadded(conv: nn.Conv1d | nn.Conv2d) -> bool:
+    return not isinstance(conv.padding, str) and not any(conv.padding) and conv.padding_mode == "zeros"
 
 
 def _batch_norm(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], _: int) -> None:
+    _norm_squares(sums, _normalised(module, a), g, keep=(1,))
+
+
+def _batch_norm_act(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], _: int) -> None:
+    """BatchNorm followed by ``drop`` and ``act`` in one module (timm's ``BatchNormAct2d``).
+
+    ``g`` is the gradient after the activation; an elementwise vjp through ``act(drop(.))`` at the
+    normalised output brings it back to the affine output, where the BatchNorm rule applies.
+    """
+    x_hat = _normalised(module, a)
+    _, pull = vjp(lambda z: module.act(module.drop(z.clone())), _affine(module, x_hat))
+    _norm_squares(sums, x_hat, pull(g)[0], keep=(1,))
+
+
+def _batch_norm_act_replay(module: nn.Module, a: Tensor) -> Tensor:
+    return module.act(module.drop(_affine(module, _normalised(module, a))))
+
+
+def _normalised(module: nn.Module, a: Tensor) -> Tensor:
     bn: nn.modules.batchnorm._BatchNorm = module  # type: ignore[assignment]
     shape = (1, -1) + (1,) * (a.dim() - 2)
-    x_hat = (a - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var.view(shape) + bn.eps)
-    _norm_squares(sums, x_hat, g, keep=(1,))
+    return (a - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var.view(shape) + bn.eps)
+
+
+def _affine(module: nn.Module, x_hat: Tensor) -> Tensor:
+    shape = (1, -1) + (1,) * (x_hat.dim() - 2)
+    weight, bias = module.weight, module.bias
+    out = x_hat if weight is None else x_hat * weight.detach().view(shape)
+    return out if bias is None else out + bias.detach().view(shape)
+
+
+def _has_act(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in ("act", "drop"))
 
 
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], _: int) -> None:
@@ -239,7 +370,7 @@ def _embedding(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor],
     sums["weight"].index_add_(0, rows, squares)
 
 
-def _vjp_rule(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], max_bytes: int) -> None:
+def vjp_rule(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], max_bytes: int) -> None:
     params = {name: getattr(module, name).detach() for name in sums}
 
     def one(a1: Tensor, g1: Tensor) -> dict[str, Tensor]:
@@ -249,6 +380,13 @@ def _vjp_rule(module: nn.Module, a: Tensor, g: Tensor, sums: dict[str, Tensor], 
     per_sample_bytes = sum(p.numel() for p in params.values()) * a.element_size() + a[0].nbytes * 4
     for sl in _slices(a.shape[0], per_sample_bytes, max_bytes):
         _add_squares(sums, vmap(one)(a[sl], g[sl]))
+
+
+# closed-form rules of subclasses that override ``forward``: what the rule assumes the forward computes
+REPLAYS: dict[Rule, Callable[[nn.Module, Tensor], Tensor]] = {
+    _same_conv: _same_conv_replay,
+    _batch_norm_act: _batch_norm_act_replay,
+}
 
 
 def _acc(sums: dict[str, Tensor]) -> torch.dtype:
