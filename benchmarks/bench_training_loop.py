@@ -1,149 +1,182 @@
-"""Our Lightning training loop vs a plain PyTorch loop, full fine-tuning vs a frozen backbone.
+"""Our Lightning training loop vs a plain PyTorch loop, and what the default job's extras add on top.
 
-Every variant trains EfficientNet-Lite0 (the default backbone, ImageNet weights) with a linear head
-on the same in-memory digits batches, same optimizer (AdamW), same batch size and resolution. Each
-variant runs in its own process, so the peak resident memory printed beside it is its own.
+Three arms per setting (full fine-tuning; frozen backbone), all on one ``TransferModule`` (EfficientNet-Lite0,
+ImageNet weights, linear head) and the same in-memory batches, run interleaved by ``harness.interleave``.
+One call is one "epoch" of ``--steps`` training steps, timed whole (data iteration, forward, loss,
+``zero_grad``, backward, optimizer step):
 
-Printed ratios (measured side by side in this one run):
+* ``plain``: a hand-written loop over the module's backbone and head; frozen = backbone in eval mode
+  with ``requires_grad`` off, as ``Freeze`` leaves it;
+* ``lightning``: ``trainer.fit`` of the module with logger, progress bar, checkpointing and validation off
+  (``Freeze("backbone")`` in the frozen setting); its ``training_step`` also updates the accuracy/F1
+  metrics and logs, and every call pays ``fit``'s start-up;
+* ``lightning + job extras``: the same plus what ``make train`` adds per epoch: the callbacks of
+  ``conf/callbacks/default.yaml`` (best and last ``ModelCheckpoint`` written through ``AtomicCheckpointIO``,
+  LR/trainable-parameter/layer-drift monitors, rich progress bar), the CSV logger, and validation over
+  360 images (the digits validation split).
 
-* ``ours / plain`` throughput for full fine-tuning and for the linear probe (goal >= 0.90x);
-* frozen step / full step, ours (goal <= 0.25x) and plain PyTorch's for reference.
+Both loops use the optimizer ``configure_optimizers`` builds (AdamW, lr 1e-3, weight decay 0.01 in the
+layer groups, 0 in their ``/no_decay`` twins for norms and biases, the same groups), no LR scheduler.
+Printed: time per step of each arm (median, min-max) and paired-round ratios with their spread.
 
 Usage::
 
-    python benchmarks/bench_training_loop.py [--steps 30] [--batch-size 32] [--image-size 64]
+    python benchmarks/bench_training_loop.py [--steps 12] [--repeats 5] [--threads 1] [--batch-size 32]
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
-import statistics
-import time
+import logging
+import tempfile
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
+import harness
 import lightning.pytorch as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from tl_lightning.backbones import efficientnet_lite0
 from tl_lightning.callbacks import Freeze
+from tl_lightning.checkpointing import AtomicCheckpointIO
 from tl_lightning.heads import LinearHead
 from tl_lightning.module import TransferModule
+from tl_lightning.optim import named_param_groups
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+CLASSES = 10
+LR, WEIGHT_DECAY = 1e-3, 0.01
+VAL_IMAGES = 360  # the default job's digits validation split (20% of 1,797)
 
 
-def _batches(steps: int, batch_size: int, image_size: int) -> DataLoader:
-    """The same fixed batches for every variant (random images: speed does not depend on content)."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(steps * batch_size, 3, image_size, image_size, generator=generator)
-    labels = torch.randint(0, 10, (steps * batch_size,), generator=generator)
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+def loader(images: int, batch_size: int, image_size: int, seed: int) -> DataLoader:
+    """Fixed random batches (speed does not depend on content), the same for every arm."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(images, 3, image_size, image_size, generator=generator)
+    y = torch.randint(0, CLASSES, (images,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-class _StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-
-def run_ours(frozen: bool, steps: int, batch_size: int, image_size: int) -> list[float]:
-    """Step times of ``TransferModule`` under ``pl.Trainer`` (our loop, our callbacks)."""
-    module = TransferModule(
-        efficientnet_lite0(), LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-4)
-    )
-    timer = _StepTimer()
-    callbacks = [timer, Freeze("backbone")] if frozen else [timer]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, train_dataloaders=_batches(steps, batch_size, image_size))
-    return timer.times
-
-
-def run_plain(frozen: bool, steps: int, batch_size: int, image_size: int) -> list[float]:
-    """Step times of a hand-written PyTorch loop doing the same work."""
-    backbone = efficientnet_lite0()
-    backbone.pop_source_head()
-    head = LinearHead(1280, 10)
-    if frozen:
-        backbone.eval().requires_grad_(False)
-        params = list(head.parameters())
-    else:
-        backbone.train()
-        params = [*backbone.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for x, y in _batches(steps, batch_size, image_size):
-        start = time.perf_counter()
-        if frozen:
-            with torch.no_grad():
-                features = backbone(x)
-        else:
-            features = backbone(x)
-        loss = F.cross_entropy(head(features), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _measure(name: str, frozen: bool, steps: int, batch_size: int, image_size: int, queue) -> None:
+def new_module() -> TransferModule:
     torch.manual_seed(0)
-    fn = run_ours if name == "ours" else run_plain
-    times = fn(frozen, steps, batch_size, image_size)[3:]  # drop warm-up steps
-    queue.put((statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    optimizer = partial(torch.optim.AdamW, lr=LR)
+    return TransferModule(
+        efficientnet_lite0(), LinearHead(1280, CLASSES), CLASSES, optimizer, weight_decay=WEIGHT_DECAY
+    )
+
+
+def plain_arm(frozen: bool, train: DataLoader) -> Callable[[], None]:
+    """One epoch of a hand-written loop with ``configure_optimizers``' optimizer and groups."""
+    module = new_module()
+    groups = named_param_groups(module, module.layer_groups(), WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(groups, lr=LR)
+    backbone, head = module.backbone, module.heads["target"]
+    if frozen:
+        backbone.requires_grad_(False)
+
+    def epoch() -> None:
+        module.train()
+        if frozen:
+            backbone.eval()
+        for x, y in train:
+            loss = F.cross_entropy(head(backbone(x)), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return epoch
+
+
+def job_extras(folder: str) -> Callable[[], tuple[list[pl.Callback], list]]:
+    """A factory of the default job's callbacks and logger, composed from ``conf/`` like ``make train``'s
+    (strategy callbacks left out: they are not extras)."""
+    overrides = ["strategy=full_finetune", f"paths.output_dir={folder}", "monitor_mode=max"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+
+    def build() -> tuple[list[pl.Callback], list]:
+        callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+        return callbacks, [instantiate(node) for node in cfg.logger.values() if node is not None]
+
+    return build
+
+
+def lightning_arm(
+    frozen: bool, extras: bool, train: DataLoader, val: DataLoader, folder: str
+) -> Callable[[], None]:
+    """One ``trainer.fit`` of ``len(train)`` steps, with or without the default job's extras."""
+    module = new_module()
+    build_extras = job_extras(folder) if extras else lambda: ([], [])
+
+    def epoch() -> None:
+        callbacks, loggers = build_extras()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            callbacks=[*callbacks, *([Freeze("backbone")] if frozen else [])],
+            logger=loggers or False,
+            enable_checkpointing=extras,
+            enable_progress_bar=extras,
+            enable_model_summary=extras,
+            num_sanity_val_steps=0,
+            limit_val_batches=1.0 if extras else 0,
+            plugins=[AtomicCheckpointIO()],
+        )
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val if extras else None)
+
+    return epoch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=12, help="training steps per call (one epoch)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args()
-    context = mp.get_context("spawn")
-    results = {}
-    for frozen in (False, True):
-        for name in ("plain", "ours"):
-            queue = context.Queue()
-            process = context.Process(
-                target=_measure, args=(name, frozen, args.steps, args.batch_size, args.image_size, queue)
-            )
-            process.start()
-            process.join()
-            if process.exitcode != 0:
-                raise RuntimeError(f"the {name} {'frozen' if frozen else 'full'} variant failed")
-            results[(name, frozen)] = queue.get()
-    print(
-        f"EfficientNet-Lite0, batch {args.batch_size}, {args.image_size}px, "
-        f"{torch.get_num_threads()} threads, "
-        f"median of {args.steps - 3} steps"
+    title = (
+        f"training loop: EfficientNet-Lite0, batch {args.batch_size}, {args.image_size} px, "
+        f"{args.steps} steps per call, {args.repeats} rounds + 1 warm-up"
     )
-    print(f"{'variant':<26}{'step ms':>10}{'img/s':>10}{'peak RSS MiB':>15}")
-    for (name, frozen), (step, rss) in results.items():
-        label = f"{name} {'frozen backbone' if frozen else 'full fine-tune'}"
-        print(f"{label:<26}{step * 1e3:>10.1f}{args.batch_size / step:>10.1f}{rss:>15.0f}")
-    full_ratio = results[("plain", False)][0] / results[("ours", False)][0]
-    frozen_ratio = results[("plain", True)][0] / results[("ours", True)][0]
-    print(f"throughput ours/plain, full fine-tune: {full_ratio:.2f}x (goal >= 0.90x)")
-    print(f"throughput ours/plain, frozen backbone: {frozen_ratio:.2f}x (goal >= 0.90x)")
-    ours = results[("ours", True)][0] / results[("ours", False)][0]
-    plain = results[("plain", True)][0] / results[("plain", False)][0]
-    print(f"frozen step / full step: ours {ours:.2f}x (goal <= 0.25x), plain PyTorch {plain:.2f}x")
+    harness.begin(title, args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners and tips
+    pl.seed_everything(0, verbose=False)
+    train = loader(args.steps * args.batch_size, args.batch_size, args.image_size, seed=0)
+    val = loader(VAL_IMAGES, args.batch_size, args.image_size, seed=1)
+    with tempfile.TemporaryDirectory() as folder:
+        arms = {}
+        for setting, frozen in (("full", False), ("frozen", True)):
+            arms[f"plain {setting}"] = plain_arm(frozen, train)
+            arms[f"lightning {setting}"] = lightning_arm(frozen, False, train, val, folder)
+            arms[f"lightning+extras {setting}"] = lightning_arm(frozen, True, train, val, folder)
+        timings = harness.interleave(arms, repeats=args.repeats)
+    steps = {name: timing.per(args.steps) for name, timing in timings.items()}
+    rows = [(f"{name}: CPU per step", timing.describe()) for name, timing in steps.items()]
+    for setting in ("full", "frozen"):
+        plain, ours, extras = (
+            steps[f"{arm} {setting}"] for arm in ("plain", "lightning", "lightning+extras")
+        )
+        rows += [
+            (f"{setting}: Lightning / plain, CPU", harness.ratio(ours, plain)),
+            (f"{setting}: Lightning / plain, wall", harness.ratio(ours, plain, "wall")),
+            (f"{setting}: (Lightning + job extras) / Lightning, CPU", harness.ratio(extras, ours)),
+            (
+                f"{setting}: job extras per epoch, CPU",
+                timings[f"lightning+extras {setting}"].minus(timings[f"lightning {setting}"]).describe(),
+            ),
+        ]
+    for arm in ("plain", "lightning"):
+        rows.append(
+            (f"{arm}: frozen / full step, CPU", harness.ratio(steps[f"{arm} frozen"], steps[f"{arm} full"]))
+        )
+    harness.report(title, rows)
 
 
 if __name__ == "__main__":

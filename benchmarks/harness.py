@@ -127,9 +127,18 @@ class Timing:
         """The same timing divided by ``n`` (e.g. seconds per step when each call runs ``n`` steps)."""
         return Timing([t / n for t in self.wall], [t / n for t in self.cpu])
 
+    def minus(self, other: Timing) -> Timing:
+        """Round-by-round difference ``self - other`` (e.g. what an arm's extras cost per call)."""
+        if len(self.cpu) != len(other.cpu):
+            raise ValueError(f"minus needs paired rounds: {len(self.cpu)} vs {len(other.cpu)}")
+        return Timing(
+            [a - b for a, b in zip(self.wall, other.wall, strict=True)],
+            [a - b for a, b in zip(self.cpu, other.cpu, strict=True)],
+        )
+
     def describe(self, kind: str = "cpu") -> str:
         """``"12.3 ms [11.9-13.0]"``: median and min-max."""
-        scale, unit = (1e3, "ms") if self.max(kind) < 1 else (1.0, "s")
+        scale, unit = (1e3, "ms") if abs(self.median(kind)) < 1 else (1.0, "s")
         low, median, high = (scale * f(kind) for f in (self.min, self.median, self.max))
         return f"{_number(median)} {unit} [{_number(low)}-{_number(high)}]"
 
