@@ -119,18 +119,73 @@ def test_budget_sets_chunk_and_result_does_not_depend_on_it(caplog):
     _assert_close(tiny, fisher_diagonal(_vision(), batches), rtol=1e-5)
 
 
-def test_timm_conv2d_same_and_batchnorm_act():
-    timm_layers = pytest.importorskip("timm.layers")
+def _timm_model(timm_layers):
     torch.manual_seed(0)
     model = nn.Sequential(
-        timm_layers.Conv2dSame(3, 6, 3, stride=2),
-        timm_layers.BatchNormAct2d(6),
-        timm_layers.Conv2dSame(6, 6, 3, stride=2, groups=6),
+        timm_layers.Conv2dSame(3, 6, 3, stride=2),  # TF "same" padding, asymmetric on an odd input
+        timm_layers.BatchNormAct2d(6),  # BatchNorm + ReLU in one module
+        timm_layers.Conv2dSame(6, 12, 3, stride=2, groups=6),  # depthwise, channel multiplier 2
+        timm_layers.BatchNormAct2d(12, act_layer=nn.ReLU6),
+        nn.Conv2d(12, 8, 3, padding=1, groups=2),
+        nn.Conv2d(8, 8, 1),
         nn.Flatten(),
-        nn.Linear(6 * 3 * 3, CLASSES),
-    )
-    batches = [(torch.randn(4, 3, 9, 9), torch.tensor([0, 1, 2, 3]))]
-    _assert_close(fisher_diagonal(model, batches, mode="exact"), _reference(model, batches, "exact"))
+        nn.Linear(8 * 3 * 3, CLASSES),
+    ).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["empirical", "exact"])
+def test_timm_conv2d_same_batchnorm_act_grouped_closed_forms(mode, caplog):
+    timm_layers = pytest.importorskip("timm.layers")
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 3, 9, 9, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1]))]
+    with caplog.at_level(logging.INFO, logger="tl_lightning.fisher"):
+        fisher = fisher_diagonal(_timm_model(timm_layers), batches, mode=mode, chunk_size=3)
+    _assert_close(fisher, _reference(_timm_model(timm_layers), batches, mode), rtol=1e-10)
+    assert "BatchNormAct2d (BatchNorm + activation) 4" in caplog.text
+    assert "Conv2dSame (TF 'same' padding) 4" in caplog.text and "Conv2d 4" in caplog.text
+    assert "vjp" not in caplog.text
+
+
+class PadLeftInForward(nn.Conv2d):
+    """Pads top/left only: not TF "same" padding, so the closed form must not be used."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 0, 1, 0)))
+
+
+class ActBeforeNorm(nn.BatchNorm2d):
+    """Has ``act``/``drop`` like timm's BatchNormAct2d but applies the activation first."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act, self.drop = nn.Tanh(), nn.Identity()
+
+    def forward(self, x):
+        return super().forward(self.act(x))
+
+
+@pytest.mark.parametrize("mode", ["empirical", "exact"])
+def test_lookalike_subclasses_fall_back_to_per_layer_vjp(mode, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        PadLeftInForward(3, 4, 2), ActBeforeNorm(4), nn.Flatten(), nn.Linear(4 * 5 * 5, CLASSES)
+    ).double()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    batches = [(torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))]
+    with caplog.at_level(logging.INFO, logger="tl_lightning.fisher"):
+        fisher = fisher_diagonal(model, batches, mode=mode)
+    _assert_close(fisher, _reference(model, batches, mode), rtol=1e-10)
+    assert "PadLeftInForward (per-layer vjp) 2" in caplog.text
+    assert "ActBeforeNorm (per-layer vjp) 2" in caplog.text
 
 
 class Tied(nn.Module):
