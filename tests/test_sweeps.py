@@ -69,3 +69,121 @@ def test_slurm_launcher_and_ddp_trainer_compose():
     assert "submitit" in launcher._target_.lower() and "slurm" in launcher._target_.lower()
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert cfg.trainer.strategy == "ddp"
+
+
+# --- equal step budgets (experiment=sample_efficiency, sample_efficiency_fashion) ---------------------
+
+SAMPLE_EFFICIENCY = ["sample_efficiency", "sample_efficiency_fashion"]
+# staged unfreezing at fixed shares of the step budget: lp_ft's head-only phase, gradual_unfreeze's stages
+SHARES = {"lp_ft": [0.2], "gradual_unfreeze": [0.1, 0.2, 0.3]}
+
+
+def _compose(*overrides, hydra=False):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize("experiment", SAMPLE_EFFICIENCY)
+def test_sample_efficiency_sweeps_every_strategy_under_one_step_budget(experiment):
+    from tl_lightning.config_checks import check_config
+
+    swept = _compose(f"experiment={experiment}", hydra=True).hydra.sweeper.params
+    strategies = swept.strategy.split(",")
+    transfer = {
+        "linear_probe_lbfgs",
+        "lp_ft",
+        "gradual_unfreeze",
+        "full_finetune",
+        "discriminative_lr",
+        "l2sp",
+    }
+    assert set(strategies) == {"scratch", *transfer}
+    sizes = swept["data.train_per_class"].split(",")
+    for strategy in strategies:
+        for size in (sizes[0], sizes[-1]):
+            cfg = _compose(f"experiment={experiment}", f"strategy={strategy}", f"data.train_per_class={size}")
+            check_config(cfg)  # passes: step milestones within the budget, max_epochs=-1 allowed
+            trainer = cfg.trainer
+            # the step budget alone ends the run, whatever the data size
+            assert (trainer.max_epochs, trainer.max_steps) == (-1, 100), strategy
+            # validation every N training batches across epoch boundaries (an epoch may be 2 batches)
+            assert trainer.check_val_every_n_epoch is None and isinstance(trainer.val_check_interval, int)
+            assert trainer.val_check_interval < trainer.max_steps
+            # the best checkpoint by validation accuracy is the one tested
+            assert cfg.callbacks.model_checkpoint.monitor == "val/acc" and cfg.monitor_mode in ("auto", "max")
+            assert cfg.module.scheduler._target_ == "tl_lightning.optim.warmup_cosine"
+            staged = cfg.callbacks.get("gradual_unfreeze")
+            if strategy in SHARES:
+                assert staged.unit == "step"
+                assert [m / trainer.max_steps for m in staged.milestones] == SHARES[strategy]
+            else:
+                assert staged is None
+
+
+def test_strategies_keep_epoch_milestones_outside_a_step_budget():
+    assert _compose("strategy=lp_ft").callbacks.gradual_unfreeze.milestones == [2]
+    staged = _compose("strategy=gradual_unfreeze").callbacks.gradual_unfreeze
+    assert (staged.unit, list(staged.milestones)) == ("epoch", [1, 2, 3])
+
+
+@pytest.mark.parametrize("strategy", ["lp_ft", "gradual_unfreeze"])
+def test_epoch_milestones_under_a_step_only_budget_are_refused(strategy):
+    from tl_lightning.config_checks import check_config
+
+    cfg = _compose(f"strategy={strategy}", "trainer.max_epochs=-1", "+trainer.max_steps=200")
+    with pytest.raises(
+        ValueError, match=r"callbacks\.gradual_unfreeze\.milestones=\[.*\] are epochs.*unit=step"
+    ):
+        check_config(cfg)
+    check_config(_compose(f"strategy={strategy}", "trainer.max_epochs=10", "+trainer.max_steps=200"))
+
+
+def test_max_epochs_minus_one_needs_max_steps():
+    from tl_lightning.config_checks import check_config
+
+    with pytest.raises(ValueError, match=r"trainer\.max_epochs must be an integer >= 1, got -1.*max_steps"):
+        check_config(_compose("strategy=full_finetune", "trainer.max_epochs=-1"))
+
+
+@pytest.mark.parametrize("experiment", SAMPLE_EFFICIENCY)
+def test_step_milestones_past_the_budget_are_refused(experiment):
+    from tl_lightning.config_checks import check_config
+
+    cfg = _compose(f"experiment={experiment}", "strategy=lp_ft", "trainer.max_steps=20")
+    with pytest.raises(ValueError, match=r"milestones=\[20\] \(steps\).*trainer\.max_steps=20"):
+        check_config(cfg)
+
+
+def test_step_budget_run_unfreezes_validates_and_tests_at_the_planned_steps(tmp_path):
+    """5 digits per class = 2 batches per epoch: the run spans 5 epochs, yet lp_ft unfreezes at step 4
+    (40% of 10), validation runs every 3 steps across epoch ends, and the best checkpoint is tested."""
+    import csv
+
+    from tl_lightning.pipeline import train
+
+    cfg = _compose(
+        "experiment=sample_efficiency",
+        "strategy=lp_ft",
+        "backbone=small_cnn",
+        "data.image_size=16",
+        "data.train_per_class=5",
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1",
+        "schedule.lp_ft=[4]",
+        "+trainer.enable_progress_bar=false",
+        f"paths.output_dir={tmp_path}",
+    )
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["global_step"], metrics["epochs"]) == (10, 5)
+    with (tmp_path / "csv" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    val_steps = [int(r["step"]) for r in rows if r.get("val/acc")]
+    assert val_steps == [2, 5, 8]  # logged at global_step - 1 after steps 3, 6 and 9
+    trainable = [(int(r["step"]), float(r["trainable_params"])) for r in rows if r.get("trainable_params")]
+    head_only = [count for step, count in trainable if step < 4]
+    after = [count for step, count in trainable if step >= 4]
+    assert head_only and after and max(head_only) < min(after)  # the backbone joins at step 4, not before
+    best = metrics["best_checkpoint"]
+    assert Path(best).name in {"step0003.ckpt", "step0006.ckpt", "step0009.ckpt"}

@@ -92,13 +92,15 @@ def _check_numbers(cfg: DictConfig) -> None:
     """
     for key, allowed in _NUMBERS.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
-            continue
+        if value is None or (key == "trainer.max_epochs" and value == -1 and _max_steps(cfg) is not None):
+            continue  # -1: Lightning's "no epoch limit", allowed when trainer.max_steps ends the run
         values = list(value) if allowed.many and isinstance(value, ListConfig) else [value]
         if not values or not all(allowed.accepts(v) for v in values):
             given = list(value) if isinstance(value, ListConfig) else value
             hint = (
-                "; trainer.max_epochs=0 would test an untrained model" if key == "trainer.max_epochs" else ""
+                "; trainer.max_epochs=0 would test an untrained model, -1 (no limit) needs trainer.max_steps"
+                if key == "trainer.max_epochs"
+                else ""
             )
             raise ValueError(f"{key} must be {allowed.describe()}, got {given!r}{hint}")
 
@@ -106,18 +108,31 @@ def _check_numbers(cfg: DictConfig) -> None:
 def _check_schedule(cfg: DictConfig) -> None:
     """Stop when a callback's ``milestones`` lie beyond the run's end (a strategy silently cut short).
 
-    Milestones in steps are checked against ``trainer.max_steps`` when it is set.
+    Milestones in steps are checked against ``trainer.max_steps`` when it is set. Milestones in epochs
+    are refused when only ``trainer.max_steps`` bounds the run (``trainer.max_epochs=-1``): an equal step
+    budget makes an epoch 2 steps at one data size and 300 at another, so an epoch milestone would move
+    with the data size instead of sitting at a fixed share of the budget.
 
     Raises:
-        ValueError: Naming the milestones, the trainer limit and the ``allow_short_schedule`` opt-out.
+        ValueError: Naming the milestones, the trainer limit and the ``allow_short_schedule`` opt-out,
+            or, for epoch milestones under a step-only budget, the ``unit: step`` remedy.
     """
-    if cfg.allow_short_schedule:
-        return
     for name, node in (cfg.callbacks or {}).items():
         milestones = node.get("milestones") if isinstance(node, DictConfig) else None
-        if not isinstance(milestones, ListConfig):
+        if not isinstance(milestones, ListConfig | list):  # a resolver (oc.select) returns a plain list
             continue
         unit = node.get("unit", "epoch")
+        if unit == "epoch" and cfg.trainer.get("max_epochs") in (-1, None) and _max_steps(cfg) is not None:
+            raise ValueError(
+                f"callbacks.{name}.milestones={list(milestones)} are epochs, but only "
+                f"trainer.max_steps={_max_steps(cfg)} bounds the run (trainer.max_epochs="
+                f"{cfg.trainer.get('max_epochs')}): an epoch's length in steps depends on the data size, so "
+                f"strategy={cfg.strategy_name} would unfreeze at a different share of the budget at every "
+                f"size. Give the milestones in steps (callbacks.{name}.unit=step, as "
+                f"conf/experiment/sample_efficiency.yaml does through schedule.*) or set trainer.max_epochs"
+            )
+        if cfg.allow_short_schedule:
+            continue
         key = "trainer.max_epochs" if unit == "epoch" else "trainer.max_steps"
         limit = OmegaConf.select(cfg, key, default=None)
         if not isinstance(limit, int) or limit < 0:
@@ -130,6 +145,12 @@ def _check_schedule(cfg: DictConfig) -> None:
                 f"part-way. Raise {key} to at least {max(late) + 1}, or set allow_short_schedule=true if "
                 f"you mean to cut the schedule short"
             )
+
+
+def _max_steps(cfg: DictConfig) -> int | None:
+    """``trainer.max_steps`` when it limits the run (an integer >= 1), else ``None`` (unset or -1)."""
+    value = OmegaConf.select(cfg, "trainer.max_steps", default=None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def _check_fisher_paths(cfg: DictConfig) -> None:
