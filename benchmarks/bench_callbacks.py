@@ -2,20 +2,23 @@
 
 Both arms train the same small convnet with everything trainable (GradualUnfreeze's milestone is 0 and
 its warm-up lasts the whole run, so its step hooks fire every step); the only difference is the
-callbacks. Arms alternate (A B A B ...) so machine load drifts hit both alike; the median step time of
-each arm is compared, as CPU time of the training thread (robust on a shared machine; with
-``--threads 1`` all compute runs on that thread) and as wall time.
+callbacks. One call is a ``trainer.fit`` of ``--steps`` steps; ``harness.interleave`` alternates the arms
+(A B A B ...) after a warm-up round, and the ratio of the paired rounds is printed with its spread, in
+process CPU time and wall time. The callbacks' own hook time (CPU of the calling thread) is summed per
+call and printed per step.
 
-    python benchmarks/bench_callbacks.py [--steps 60] [--rounds 3] [--threads 1]
+    python benchmarks/bench_callbacks.py [--steps 60] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import harness
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -54,6 +57,7 @@ class ConvNet(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+WARMUP = 1
 HOOKS = (
     "on_fit_start",
     "on_train_epoch_start",
@@ -83,70 +87,69 @@ def timed(callbacks: list[pl.Callback], spent: list[float]) -> list[pl.Callback]
     return callbacks
 
 
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.stamps: list[tuple[float, float]] = []
+def fit_arm(
+    make_callbacks: Callable[[], list[pl.Callback]], steps: int, loader: DataLoader, hook_seconds: list
+):
+    """One call = ``trainer.fit`` of a fresh ``ConvNet`` for ``steps`` steps; the callbacks' hook CPU time of
+    each call is appended to ``hook_seconds``."""
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.stamps.append((time.thread_time(), time.perf_counter()))
+    def call() -> None:
+        spent = [0.0]
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            max_epochs=steps,  # an epoch bound too: GradualUnfreeze fails under max_steps alone (reported)
+            callbacks=timed(make_callbacks(), spent),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(ConvNet(), loader)
+        hook_seconds.append(spent[0])
 
-
-def median_step(callbacks: list[pl.Callback], steps: int, loader: DataLoader) -> tuple[float, float]:
-    """Median (thread CPU, wall) seconds per training step, warm-up steps skipped."""
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=[*callbacks, timer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(ConvNet(), loader)
-    pairs = list(zip(timer.stamps[5:], timer.stamps[6:], strict=False))
-    return (
-        statistics.median(b[0] - a[0] for a, b in pairs),
-        statistics.median(b[1] - a[1] for a, b in pairs),
-    )
+    return call
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    title = (
+        f"callbacks: small convnet, 32 px, batch 32, {args.steps} steps per call, "
+        f"{args.repeats} rounds + {WARMUP} warm-up"
+    )
+    harness.begin(title, args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g))
     loader = DataLoader(data, batch_size=32)
-
+    hook_seconds: list[float] = []
     arms = {
-        "plain": lambda: [],
-        "unfreeze+layerwise": lambda: [
-            GradualUnfreeze(milestones=[0], warmup_steps=10**6),
-            LayerwiseLR(decay=0.8),
-        ],
+        "plain": fit_arm(lambda: [], args.steps, loader, []),
+        "unfreeze+layerwise": fit_arm(
+            lambda: [GradualUnfreeze(milestones=[0], warmup_steps=10**6), LayerwiseLR(decay=0.8)],
+            args.steps,
+            loader,
+            hook_seconds,
+        ),
     }
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
-    spent = [0.0]
-    for _ in range(args.rounds):
-        for name, make in arms.items():
-            times[name].append(median_step(timed(make(), spent), args.steps, loader))
-    for i, clock in enumerate(("cpu", "wall")):
-        base = statistics.median(t[i] for t in times["plain"])
-        for name, values in times.items():
-            t = statistics.median(v[i] for v in values)
-            rounds = [round(v[i] * 1e3, 2) for v in values]
-            print(f"{clock:>4} {name:>20}: {t * 1e3:7.2f} ms/step  ratio {t / base:.3f}  rounds {rounds}")
-    hook_ms = spent[0] / (args.rounds * args.steps) * 1e3
-    plain_ms = statistics.median(t[0] for t in times["plain"]) * 1e3
-    print(
-        f"hooks of GradualUnfreeze+LayerwiseLR: {hook_ms:.3f} ms/step = {hook_ms / plain_ms:.2%} "
-        "of a plain step"
-    )
+    measured = harness.interleave(arms, repeats=args.repeats, warmup=WARMUP)
+    timings = {name: timing.per(args.steps) for name, timing in measured.items()}
+    plain, ours = timings["plain"], timings["unfreeze+layerwise"]
+    per_step = [seconds / args.steps for seconds in hook_seconds[WARMUP:]]
+    hooks = harness.Timing(wall=per_step, cpu=per_step)  # thread CPU time; no separate wall clock
+    rows = [(f"{name}: CPU per step", t.describe()) for name, t in timings.items()]
+    rows += [
+        ("GradualUnfreeze+LayerwiseLR / no callbacks, CPU", harness.ratio(ours, plain)),
+        ("GradualUnfreeze+LayerwiseLR / no callbacks, wall", harness.ratio(ours, plain, "wall")),
+        ("their hooks' CPU per step", hooks.describe()),
+        ("their hooks / a plain step, CPU", harness.ratio(hooks, plain)),
+    ]
+    harness.report(title, rows)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,9 @@ def ratio(a: Timing, b: Timing, kind: str = "cpu") -> Ratio:
 
 
 def _number(value: float) -> str:
+    """Three significant digits at most, at least two decimals below 10: 0.0183, 2.31, 25.4, 312."""
+    if abs(value) < 0.1:
+        return f"{value:.3g}"
     return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
 
 
