@@ -7,10 +7,16 @@ examples per class (columns, ``data.train_per_class``; ``null`` = ``all``) and a
 Written to ``--out`` (default: the multirun directory):
 
 * ``report.md`` -- the sweep command rebuilt from ``.hydra/overrides.yaml``, the table of
-  ``mean ± std (n)`` (sample std, ddof=1), the negative-transfer section and the final layer drift;
+  ``mean ± std (n)`` (sample std, ddof=1), the negative-transfer section, the final layer drift and the
+  sweep's wall time;
 * ``sample_efficiency.png`` -- the metric vs labelled examples per class (log x), one line per strategy;
 * ``drift.png`` -- final relative drift ``||θ-θ₀||/||θ₀||`` per layer group (input -> output) per strategy,
   from the ``drift/<group>`` columns of ``csv/metrics.csv`` (skipped, with a note, when there are none).
+
+Wall time: the sum of the runs' ``metrics.json["wall_time_s"]`` (each run from its config check to its
+``metrics.json``: building, fitting, testing; not the interpreter start), per strategy and in all, and the
+span from the first run's start (``metrics.json``'s modification time minus ``wall_time_s``) to the last
+run's end. When several sweeps write into one directory, the span includes the time between them.
 
 Negative transfer: a strategy other than ``scratch`` whose mean is worse than scratch's at the same
 ``train_per_class`` by more than the seed noise, ``sqrt(se_a² + se_b²)`` with ``se = std / sqrt(n)``
@@ -56,6 +62,8 @@ class Run:
         train_examples: ``metrics.json["train_examples_per_class"]`` if present.
         overrides: The run's ``.hydra/overrides.yaml`` (empty if missing).
         drift: Final (last logged) drift per layer group, keyed by group name in CSV column order.
+        wall_time_s: ``metrics.json["wall_time_s"]`` if present.
+        finished: When ``metrics.json`` was written (its modification time, seconds since the epoch).
     """
 
     path: Path
@@ -66,6 +74,8 @@ class Run:
     train_examples: float | None = None
     overrides: list[str] = field(default_factory=list)
     drift: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float | None = None
+    finished: float | None = None
 
     @property
     def label(self) -> str:
@@ -156,6 +166,7 @@ def _read_run(metrics_file: Path, metric: str) -> Run:
     per_class = None if per_class in (None, "null", "None", "", ALL) else per_class
     seed = config.get("seed", overridden.get("seed"))
     train_examples = metrics.get("train_examples_per_class")
+    wall = metrics.get("wall_time_s")
     strategy = metrics.get("strategy") or config.get("strategy_name") or overridden.get("strategy", "?")
     return Run(
         path=run_dir,
@@ -166,6 +177,8 @@ def _read_run(metrics_file: Path, metric: str) -> Run:
         train_examples=float(train_examples) if isinstance(train_examples, int | float) else None,
         overrides=overrides,
         drift=read_final_drift(run_dir / "csv" / "metrics.csv"),
+        wall_time_s=float(wall) if isinstance(wall, int | float) and not isinstance(wall, bool) else None,
+        finished=metrics_file.stat().st_mtime,
     )
 
 
@@ -319,11 +332,53 @@ def drift_profile(runs: Sequence[Run]) -> tuple[str | None, list[str], dict[str,
     return label, groups, profile
 
 
+@dataclass(frozen=True)
+class WallTime:
+    """How long a sweep took.
+
+    Args:
+        total_s: Sum of the runs' ``wall_time_s``.
+        span_s: First run's start to last run's end.
+        per_strategy: ``{strategy: (runs, summed wall_time_s)}``, in report order.
+        missing: Runs without ``wall_time_s`` (left out of every number).
+    """
+
+    total_s: float
+    span_s: float
+    per_strategy: dict[str, tuple[int, float]]
+    missing: int
+
+
+def wall_time(runs: Sequence[Run]) -> WallTime | None:
+    """The sweep's wall time from the runs' ``wall_time_s`` and ``metrics.json`` times; ``None`` if no run
+    recorded one."""
+    timed = [r for r in runs if r.wall_time_s is not None and r.finished is not None]
+    if not timed:
+        return None
+    per_strategy = {}
+    for strategy in strategy_order(timed):
+        mine = [r.wall_time_s for r in timed if r.strategy == strategy]
+        per_strategy[strategy] = (len(mine), math.fsum(mine))
+    span = max(r.finished for r in timed) - min(r.finished - r.wall_time_s for r in timed)
+    return WallTime(math.fsum(r.wall_time_s for r in timed), span, per_strategy, len(runs) - len(timed))
+
+
+def format_duration(seconds: float) -> str:
+    """``"1 h 02 min"``, ``"3 min 05 s"`` or ``"42.0 s"``."""
+    if seconds >= 3600:
+        hours, rest = divmod(round(seconds / 60), 60)
+        return f"{hours} h {rest:02d} min"
+    if seconds >= 60:
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes} min {rest:02d} s"
+    return f"{seconds:.1f} s"
+
+
 # 3. Write ----------------------------------------------------------------------------------------
 
 
 def render_markdown(runs: Sequence[Run], metric: str, root: Path, plots: dict[str, str | None]) -> str:
-    """The whole ``report.md``: command, table, negative transfer, drift, notes."""
+    """The whole ``report.md``: command, table, negative transfer, drift, wall time, notes."""
     cells = aggregate(runs)
     flags = negative_transfer(cells, metric)
     flagged = {(f.strategy, f.label) for f in flags}
@@ -380,6 +435,8 @@ def render_markdown(runs: Sequence[Run], metric: str, root: Path, plots: dict[st
             shown = ("—" if math.isnan(v) else f"{v:.4f}" for v in values)
             lines.append(f"| {strategy} | " + " | ".join(shown) + " |")
 
+    lines += ["", "## Wall time", "", *_wall_time_lines(runs)]
+
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({file})" for name, file in plots.items() if file]
 
@@ -387,6 +444,25 @@ def render_markdown(runs: Sequence[Run], metric: str, root: Path, plots: dict[st
     if notes:
         lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _wall_time_lines(runs: Sequence[Run]) -> list[str]:
+    timing = wall_time(runs)
+    if timing is None:
+        return ["No `wall_time_s` in any `metrics.json`: unknown."]
+    counted = len(runs) - timing.missing
+    lines = [
+        f"{format_duration(timing.total_s)} summed over {counted} runs (each run's `wall_time_s`: "
+        f"config check to `metrics.json`, i.e. building, fitting and testing; not the interpreter start); "
+        f"{format_duration(timing.span_s)} from the first run's start to the last run's end "
+        f"(including any time between sweeps written into this directory).",
+    ]
+    if timing.missing:
+        lines[0] += f" {timing.missing} run(s) without `wall_time_s` are not counted."
+    lines += ["", "| strategy | runs | mean per run | total |", "|---|---|---|---|"]
+    for strategy, (n, total) in timing.per_strategy.items():
+        lines.append(f"| {strategy} | {n} | {format_duration(total / n)} | {format_duration(total)} |")
+    return lines
 
 
 def _notes(runs: Sequence[Run], metric: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +56,9 @@ RUNS = [
 ]
 
 
-def _write_run(sweep: Path, num: int, strategy: str, per_class, seed: int, acc: float, drift=True) -> None:
+def _write_run(
+    sweep: Path, num: int, strategy: str, per_class, seed: int, acc: float, drift=True, wall=12.3
+) -> Path:
     value = "null" if per_class is None else str(per_class)
     overrides = [f"strategy={strategy}", f"data.train_per_class={value}", f"seed={seed}"]
     overrides.append("trainer.max_epochs=3")
@@ -76,14 +79,14 @@ def _write_run(sweep: Path, num: int, strategy: str, per_class, seed: int, acc: 
         "final": {"val/loss": 0.3, "val/acc": acc, "val/f1": acc - 0.01},
         "test": {"test/loss": 0.3, "test/acc": acc, "test/f1": acc - 0.01},
         "best_checkpoint": str(run / "checkpoints" / "epoch02.ckpt"),
-        "wall_time_s": 12.3,
+        "wall_time_s": wall,
         "params": {"trainable": 12810, "total": 4664818},
         "epochs": 3,
         "global_step": 30,
     }
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if not drift:
-        return
+        return run
     # final drift in CSV column order; other train_per_class values get a distinct level (5.0) that
     # must not leak into the "all" profile, and epoch 0 logs 9.0 that must not be the "final" one
     final = [b + 0.01 * seed for b in DRIFT_BASE[strategy]] if per_class is None else [5.0] * 4
@@ -98,6 +101,7 @@ def _write_run(sweep: Path, num: int, strategy: str, per_class, seed: int, acc: 
     ]
     (run / "csv").mkdir()
     (run / "csv" / "metrics.csv").write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +219,44 @@ def test_missing_or_empty_directory_exits_2_naming_the_path(tmp_path, capsys):
         report.main([str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "no metrics.json" in err and str(tmp_path) in err
+
+
+def test_wall_time_sums_the_runs_and_spans_first_start_to_last_end(tmp_path):
+    # (strategy, wall_time_s, metrics.json written at): scratch runs 0-100 s and 150-250 s, the probe
+    # 90-100 s; a run without wall_time_s is left out of every number
+    timed = [
+        ("scratch", 100.0, 1_000_100.0),
+        ("linear_probe", 10.0, 1_000_100.0),
+        ("scratch", 100.0, 1_000_250.0),
+    ]
+    for num, (strategy, wall, written) in enumerate(timed):
+        run = _write_run(tmp_path, num, strategy, 5, num, 0.5, drift=False, wall=wall)
+        os.utime(run / "metrics.json", (written, written))
+    untimed = _write_run(tmp_path, 3, "scratch", 5, 3, 0.5, drift=False, wall=None)
+    os.utime(untimed / "metrics.json", (2_000_000.0, 2_000_000.0))  # would stretch the span if counted
+
+    timing = report.wall_time(report.collect_runs(tmp_path))
+    assert timing.total_s == pytest.approx(210.0)
+    assert timing.span_s == pytest.approx(250.0)
+    assert timing.per_strategy == {"scratch": (2, 200.0), "linear_probe": (1, 10.0)}
+    assert timing.missing == 1
+
+    assert report.main([str(tmp_path)]) == 0
+    section = _section((tmp_path / "report.md").read_text(encoding="utf-8"), "Wall time").lstrip()
+    assert (
+        section.startswith("3 min 30 s summed over 3 runs")
+        and "4 min 10 s from the first run's start" in section
+    )
+    assert "1 run(s) without `wall_time_s`" in section
+    assert _table(section) == {
+        "scratch": {"runs": "2", "mean per run": "1 min 40 s", "total": "3 min 20 s"},
+        "linear_probe": {"runs": "1", "mean per run": "10.0 s", "total": "10.0 s"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(42.04, "42.0 s"), (185.0, "3 min 05 s"), (3725.0, "1 h 02 min"), (7199.0, "2 h 00 min")],
+)
+def test_durations_are_formatted_for_reading(seconds, text):
+    assert report.format_duration(seconds) == text
