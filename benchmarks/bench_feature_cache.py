@@ -1,22 +1,26 @@
-"""Linear-probe epoch with cached backbone features vs recomputing them, side by side in one run.
+"""Linear-probe training with cached backbone features vs recomputing them, side by side in one run.
 
-Both variants train the same linear head on the default data (digits, 64 px) on top of frozen
-ImageNet EfficientNet-Lite0 under ``pl.Trainer`` with the ``Freeze`` callback; the cached one wraps
-the data in ``CachedFeatureDataModule``. Reported: median train-epoch time after the first epoch
-(goal: cached >= 20x faster), the one-off feature extraction, and the test accuracy of both.
+Both arms train a linear head on the default data (digits, 64 px) on top of frozen ImageNet
+EfficientNet-Lite0 under ``pl.Trainer`` with the ``Freeze`` callback; the cached one wraps the data in
+``CachedFeatureDataModule``. One call is a ``trainer.fit`` of ``--epochs`` epochs (validation off), so the
+per-epoch time includes a share of ``fit``'s start-up; a third arm times the one-off feature extraction
+(train, validation and test splits). Arms are interleaved by ``harness.interleave`` after a warm-up round.
+Printed: CPU per epoch of both arms, the speed-up with its spread (goal: cached >= 20x faster), the
+extraction in uncached epochs, and the test accuracy of both heads (same data, same number of epochs).
 
 Usage::
 
-    python benchmarks/bench_feature_cache.py [--epochs 3]
+    python benchmarks/bench_feature_cache.py [--epochs 1] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import logging
+from collections.abc import Callable
 from functools import partial
 
+import harness
 import lightning.pytorch as pl
 import torch
 
@@ -28,31 +32,8 @@ from tl_lightning.heads import LinearHead
 from tl_lightning.module import TransferModule
 
 
-class _EpochTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, *args) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-
-def run(cached: bool, epochs: int) -> dict[str, float]:
-    pl.seed_everything(0)
-    backbone = efficientnet_lite0()
-    data = DigitsDataModule(backbone.data_config, image_size=64)
-    module = TransferModule(backbone, LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-2))
-    setup_time = 0.0
-    if cached:
-        data = CachedFeatureDataModule(data, backbone)
-        module.use_cached_features()
-        start = time.perf_counter()
-        data.setup("fit")
-        setup_time = time.perf_counter() - start
-    timer = _EpochTimer()
-    trainer = pl.Trainer(
+def trainer(epochs: int) -> pl.Trainer:
+    return pl.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
         logger=False,
@@ -61,23 +42,64 @@ def run(cached: bool, epochs: int) -> dict[str, float]:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[Freeze("backbone"), timer],
+        callbacks=[Freeze("backbone")],
     )
-    trainer.fit(module, datamodule=data)
-    accuracy = trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
-    return {"epoch": statistics.median(timer.times[1:]), "setup": setup_time, "acc": accuracy}
+
+
+def probe(cached: bool, epochs: int) -> tuple[TransferModule, pl.LightningDataModule, Callable[[], None]]:
+    """A linear probe on digits and a call that trains it for ``epochs`` epochs."""
+    pl.seed_everything(0, verbose=False)
+    backbone = efficientnet_lite0()
+    data = DigitsDataModule(backbone.data_config, image_size=64)
+    module = TransferModule(backbone, LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-2))
+    if cached:
+        data = CachedFeatureDataModule(data, backbone)
+        module.use_cached_features()
+    data.setup("fit")
+    return module, data, lambda: trainer(epochs).fit(module, datamodule=data)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per call")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    uncached, cached = run(False, args.epochs), run(True, args.epochs)
-    print(f"linear probe on digits (1078 train images, 64 px), {torch.get_num_threads()} threads")
-    print(f"{'variant':<10}{'epoch s':>10}{'extraction s':>14}{'test acc':>10}")
-    for name, result in (("uncached", uncached), ("cached", cached)):
-        print(f"{name:<10}{result['epoch']:>10.3f}{result['setup']:>14.2f}{result['acc']:>10.3f}")
-    print(f"cached epoch speed-up: {uncached['epoch'] / cached['epoch']:.0f}x (goal >= 20x)")
+    title = (
+        f"feature cache: linear probe on digits (1,078 train images, 64 px), {args.epochs} epochs per call, "
+        f"{args.repeats} rounds + 1 warm-up"
+    )
+    harness.begin(title, args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    uncached_module, images, uncached = probe(False, args.epochs)
+    cached_module, features, cached = probe(True, args.epochs)
+    backbone = cached_module.backbone
+    arms = {
+        "uncached": uncached,
+        "cached": cached,
+        "extraction": lambda: CachedFeatureDataModule(images, backbone).setup("fit"),
+    }
+    timings = harness.interleave(arms, repeats=args.repeats)
+    uncached_epoch, cached_epoch = (timings[name].per(args.epochs) for name in ("uncached", "cached"))
+    accuracy = {
+        name: trainer(1).test(module, datamodule=data, verbose=False)[0]["test/acc"]
+        for name, module, data in (("uncached", uncached_module, images), ("cached", cached_module, features))
+    }
+    harness.report(
+        title,
+        [
+            ("uncached: CPU per epoch", uncached_epoch.describe()),
+            ("cached: CPU per epoch", cached_epoch.describe()),
+            (
+                "speed-up uncached / cached epoch, CPU (goal >= 20x)",
+                harness.ratio(uncached_epoch, cached_epoch),
+            ),
+            ("speed-up uncached / cached epoch, wall", harness.ratio(uncached_epoch, cached_epoch, "wall")),
+            ("extraction (train+val+test): CPU", timings["extraction"].describe()),
+            ("extraction / uncached epoch, CPU", harness.ratio(timings["extraction"], uncached_epoch)),
+            ("test accuracy uncached / cached", f"{accuracy['uncached']:.3f} / {accuracy['cached']:.3f}"),
+        ],
+    )
 
 
 if __name__ == "__main__":

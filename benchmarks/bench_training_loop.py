@@ -21,7 +21,7 @@ Printed: time per step of each arm (median, min-max) and paired-round ratios wit
 
 Usage::
 
-    python benchmarks/bench_training_loop.py [--steps 12] [--repeats 5] [--threads 1] [--batch-size 32]
+    python benchmarks/bench_training_loop.py [--steps 8] [--repeats 5] [--threads 1] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def lightning_arm(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="training steps per call (one epoch)")
+    parser.add_argument("--steps", type=int, default=8, help="training steps per call (one epoch)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
