@@ -7,6 +7,8 @@ from a ``BertConfig`` (no download).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from functools import partial
 from itertools import chain
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from ddp_lora_script import STEPS
 from hydra import compose, initialize_config_dir
 from peft.tuners.tuners_utils import BaseTunerLayer
 from resume_helpers import last_weights
@@ -304,3 +307,21 @@ def test_freezing_callbacks_are_refused_with_an_adapter_strategy(tmp_path, name,
 def test_an_adapter_over_random_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"backbone\.pretrained=true.*strategy=scratch"):
         train(_cfg(tmp_path / "run", "backbone.pretrained=false"))
+
+
+@pytest.mark.slow
+def test_ddp_lora_replicas_are_bitwise_equal(tmp_path):
+    """``trainer=ddp_cpu strategy=lora`` through the pipeline (see ``ddp_lora_script.py``)."""
+    script = Path(__file__).with_name("ddp_lora_script.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["final"].keys() == r1["final"].keys()
+    unequal = [n for n in r0["final"] if not torch.equal(r0["final"][n], r1["final"][n])]
+    assert unequal == []
+    changed = {n for n in r0["final"] if not torch.equal(r0["final"][n], r0["initial"][n])}
+    adapters = {n for n in r0["final"] if ".lora_A." in n or ".lora_B." in n}
+    assert changed == adapters | {"heads.target.1.weight", "heads.target.1.bias"}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == STEPS
