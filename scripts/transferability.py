@@ -7,7 +7,8 @@ candidate and cached on disk under ``paths.cache_dir/features`` with the same ke
 ``feature_cache=disk`` uses. LEEP and NCE need the backbone's source head (its ImageNet classifier):
 after a cut it is dropped, and they are reported as missing (``-``).
 
-Prints a Markdown table, one row per candidate, in the order given.
+Prints a Markdown table, one row per candidate, in the order given; ``--csv`` also writes the rows to a
+CSV file (a missing score is an empty cell), which ``scripts/transferability_check.py`` reads.
 
 Example::
 
@@ -18,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import csv
 import time
 from pathlib import Path
 
@@ -81,6 +83,15 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """The rows as CSV with the table's columns; a missing score is an empty cell."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows([{column: row.get(column) for column in COLUMNS} for row in rows])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -90,12 +101,15 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="<backbone config>[@<layer group>], e.g. efficientnet_lite1@blocks.4; repeat for each candidate",
     )
+    parser.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides shared by every candidate, e.g. data=digits"
     )
     args = parser.parse_args(argv)
     rows = [score(candidate, args.overrides) for candidate in args.candidate]
     print(markdown_table(rows))
+    if args.csv is not None:
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

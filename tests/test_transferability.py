@@ -1,4 +1,5 @@
-"""LogME, LEEP and NCE against small cases computed independently: loops, closed forms, an optimiser."""
+"""LogME, LEEP and NCE against small cases computed independently: loops, closed forms, an optimiser;
+the rank agreement of a score with fine-tuned accuracy against hand-counted pairs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from scipy.optimize import minimize
 
 from tl_lightning.backbones import efficientnet_lite0
 from tl_lightning.feature_cache import CachedFeatureDataModule
-from tl_lightning.transferability import leep, logme, nce
+from tl_lightning.transferability import leep, logme, nce, rank_agreement
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 1])
 # softmax outputs of a 3-class source head on 6 target samples
@@ -181,3 +182,52 @@ def test_script_scores_candidates_on_cached_features_and_drops_leep_nce_after_a_
     container = OmegaConf.to_container(cfg.backbone, resolve=True)
     CachedFeatureDataModule(data, backbone, tmp_path / "features", container).setup("fit")
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 4
+
+
+ACCURACY = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
+
+
+def test_rank_agreement_of_concordant_and_reversed_rankings():
+    concordant = rank_agreement({"a": -3.0, "b": -2.0, "c": -1.0, "d": 5.0}, ACCURACY)
+    assert (concordant.n, concordant.kendall_tau, concordant.weighted_tau) == (
+        4,
+        pytest.approx(1.0),
+        pytest.approx(1.0),
+    )
+    reversed_ = rank_agreement({"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}, ACCURACY)
+    assert reversed_.kendall_tau == pytest.approx(-1.0) and reversed_.weighted_tau == pytest.approx(-1.0)
+    # exact null distribution of 4 candidates: only 1 of the 24 orders has no discordant pair
+    assert concordant.p_value == pytest.approx(2 / 24) and reversed_.p_value == pytest.approx(2 / 24)
+
+
+def test_rank_agreement_of_a_mixed_case_matches_hand_counted_pairs():
+    # the score swaps b and c: 1 discordant pair of 6
+    mixed = rank_agreement({"a": 1.0, "b": 3.0, "c": 2.0, "d": 4.0}, ACCURACY)
+    assert mixed.kendall_tau == pytest.approx((5 - 1) / 6)
+    # orders with at most 1 discordant pair: 1 + 3 of 24, two-sided
+    assert mixed.p_value == pytest.approx(2 * 4 / 24)
+    # hyperbolic weights 1/(r + 1) by rank r from the top (0..3), a pair weighs w_i + w_j; the pairs
+    # weigh (n - 1) * (1 + 1/2 + 1/3 + 1/4) = 25/4 in all; the discordant pair sits at ranks 1 and 2
+    # in both orderings (by score and by accuracy): 5/6. tau_w = (25/4 - 2 * 5/6) / (25/4) = 11/15
+    assert mixed.weighted_tau == pytest.approx(11 / 15)
+
+
+def test_rank_agreement_leaves_out_candidates_without_a_score_instead_of_scoring_them_zero():
+    scores = {"a": 1.0, "b": 2.0, "c": 3.0, "d": None, "e": float("nan")}
+    accuracy = {**ACCURACY, "d": 0.9, "e": 0.95, "f": 0.99}  # f has no score at all
+    result = rank_agreement(scores, accuracy)
+    assert (
+        result.n == 3
+        and result.kendall_tau == pytest.approx(1.0)
+        and result.weighted_tau == pytest.approx(1.0)
+    )
+    # as zeros, d and e would be the lowest scores with the highest accuracies
+    as_zero = rank_agreement({**scores, "d": 0.0, "e": 0.0, "f": 0.0}, accuracy)
+    assert as_zero.n == 6 and as_zero.kendall_tau < 0
+    # a scored candidate that was never fine-tuned is left out too
+    assert rank_agreement({**scores, "g": 10.0}, accuracy) == result
+
+
+def test_rank_agreement_needs_two_candidates_with_both_values():
+    with pytest.raises(ValueError, match=r"at least 2 candidates .* got \['a'\]"):
+        rank_agreement({"a": 1.0, "b": None}, ACCURACY)

@@ -14,15 +14,21 @@ All three need one forward pass over the target's training split and no training
 
 Higher is better for all three. LEEP and NCE need a source classifier (its softmax outputs), so they
 are undefined for a backbone cut below its head; LogME needs only features.
+
+:func:`rank_agreement` checks a score against what it predicts: Kendall's tau and the weighted tau
+between the candidates' scores and their accuracy after fine-tuning.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
+from scipy import stats
 
-__all__ = ["leep", "logme", "nce"]
+__all__ = ["RankAgreement", "leep", "logme", "nce", "rank_agreement"]
 
 RESIDUAL_FLOOR = 1e-24
 
@@ -204,3 +210,64 @@ def nce(source_labels: torch.Tensor, labels: torch.Tensor) -> float:
     joint, marginal = counts.double() / n, source_counts.double() / n
     # H(Y | Z) = H(Y, Z) - H(Z)
     return float((joint * joint.log()).sum() - (marginal * marginal.log()).sum())
+
+
+@dataclass(frozen=True)
+class RankAgreement:
+    """How well one score ranks candidates by their fine-tuned accuracy.
+
+    Args:
+        n: Candidates with both a score and an accuracy (the others are left out).
+        kendall_tau: Kendall's tau-b between score and accuracy, in ``[-1, 1]``.
+        p_value: Two-sided p-value of ``kendall_tau`` against no association (exact for small ``n``
+            without ties): with a handful of candidates even ``tau = 1`` is weak evidence.
+        weighted_tau: Weighted tau with hyperbolic weights (the top of both rankings counts most),
+            averaged over ranking by score and by accuracy; the measure of TLlib's model-selection
+            benchmark.
+    """
+
+    n: int
+    kendall_tau: float
+    p_value: float
+    weighted_tau: float
+
+
+def rank_agreement(scores: Mapping[str, float | None], accuracy: Mapping[str, float]) -> RankAgreement:
+    """Kendall's tau and weighted tau between a transferability score and fine-tuned accuracy.
+
+    A candidate counts only when it has both a score and an accuracy: a missing score (``None``, NaN
+    or an absent key, e.g. LEEP for a backbone cut below its source head) leaves the candidate out,
+    it is never read as 0.
+
+    Args:
+        scores: Score per candidate name (higher: predicted to transfer better).
+        accuracy: Fine-tuned accuracy (or any metric where higher is better) per candidate name.
+
+    Returns:
+        The :class:`RankAgreement` over the candidates present in both.
+
+    Raises:
+        ValueError: If fewer than 2 candidates have both values, naming the ones that have.
+
+    Example::
+
+        rank_agreement({"a": 0.4, "b": 0.3, "c": None}, {"a": 0.91, "b": 0.88, "c": 0.95})  # n=2, tau=1
+    """
+    names = [
+        name
+        for name, value in scores.items()
+        if value is not None and not math.isnan(value) and accuracy.get(name) is not None
+    ]
+    if len(names) < 2:
+        raise ValueError(
+            f"rank agreement needs at least 2 candidates with both a score and an accuracy, got {names}"
+        )
+    x = [float(scores[name]) for name in names]
+    y = [float(accuracy[name]) for name in names]
+    kendall = stats.kendalltau(x, y)
+    return RankAgreement(
+        n=len(names),
+        kendall_tau=float(kendall.statistic),
+        p_value=float(kendall.pvalue),
+        weighted_tau=float(stats.weightedtau(x, y).statistic),
+    )
