@@ -37,9 +37,8 @@ class StateDump(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         final = _tensors(pl_module)
-        torch.save(
-            {"initial": self.initial, "final": final}, Path(self.out) / f"rank{trainer.global_rank}.pt"
-        )
+        state = {"initial": self.initial, "final": final, "world_size": trainer.world_size}
+        torch.save(state, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

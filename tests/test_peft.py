@@ -318,6 +318,7 @@ def test_ddp_lora_replicas_are_bitwise_equal(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
     assert r0["final"].keys() == r1["final"].keys()
     unequal = [n for n in r0["final"] if not torch.equal(r0["final"][n], r1["final"][n])]
     assert unequal == []
