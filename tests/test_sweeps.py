@@ -99,6 +99,11 @@ def test_sample_efficiency_sweeps_every_strategy_under_one_step_budget(experimen
     }
     assert set(strategies) == {"scratch", *transfer}
     sizes = swept["data.train_per_class"].split(",")
+    assert list(swept)[0] == "seed"  # seed-major: an interrupted sweep leaves whole seeds of every cell
+    if experiment == "sample_efficiency_fashion":
+        data = _compose(f"experiment={experiment}").data
+        assert data._target_.endswith("FashionMNISTDataModule") and sizes == ["5", "20", "100", "500"]
+        assert (data.val_per_class, data.test_per_class) == (50, 100)
     for strategy in strategies:
         for size in (sizes[0], sizes[-1]):
             cfg = _compose(f"experiment={experiment}", f"strategy={strategy}", f"data.train_per_class={size}")
