@@ -6,7 +6,8 @@ examples per class (columns, ``data.train_per_class``; ``null`` = ``all``) and a
 
 Written to ``--out`` (default: the multirun directory):
 
-* ``report.md`` -- the sweep command rebuilt from ``.hydra/overrides.yaml``, the table of
+* ``report.md`` -- the sweep command(s) rebuilt from ``.hydra/overrides.yaml`` (one per ``train.py -m``
+  call, told apart by their Hydra overrides, when several sweeps wrote into the directory), the table of
   ``mean ± std (n)`` (sample std, ddof=1), the negative-transfer section, the final layer drift and the
   sweep's wall time;
 * ``sample_efficiency.png`` -- the metric vs labelled examples per class (log x), one line per strategy;
@@ -61,6 +62,8 @@ class Run:
         value: The chosen metric, ``None`` if this run did not log it.
         train_examples: ``metrics.json["train_examples_per_class"]`` if present.
         overrides: The run's ``.hydra/overrides.yaml`` (empty if missing).
+        hydra_overrides: The run's Hydra overrides (``hydra.overrides.hydra`` of ``.hydra/hydra.yaml``,
+            e.g. ``hydra.sweep.subdir=...``) without ``hydra.mode``; they tell sweeps in one directory apart.
         drift: Final (last logged) drift per layer group, keyed by group name in CSV column order.
         wall_time_s: ``metrics.json["wall_time_s"]`` if present.
         finished: When ``metrics.json`` was written (its modification time, seconds since the epoch).
@@ -73,6 +76,7 @@ class Run:
     value: float | None
     train_examples: float | None = None
     overrides: list[str] = field(default_factory=list)
+    hydra_overrides: tuple[str, ...] = ()
     drift: dict[str, float] = field(default_factory=dict)
     wall_time_s: float | None = None
     finished: float | None = None
@@ -158,6 +162,10 @@ def _read_run(metrics_file: Path, metric: str) -> Run:
     config = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
     overrides = [str(o) for o in (_load_yaml(run_dir / ".hydra" / "overrides.yaml") or [])]
     overridden = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
+    hydra_node = ((_load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}).get("overrides")
+    hydra_overrides = tuple(
+        str(o) for o in ((hydra_node or {}).get("hydra") or []) if not str(o).startswith("hydra.mode=")
+    )
 
     data = config.get("data") or {}
     per_class = (
@@ -176,6 +184,7 @@ def _read_run(metrics_file: Path, metric: str) -> Run:
         value=_metric_value(metrics, metric),
         train_examples=float(train_examples) if isinstance(train_examples, int | float) else None,
         overrides=overrides,
+        hydra_overrides=hydra_overrides,
         drift=read_final_drift(run_dir / "csv" / "metrics.csv"),
         wall_time_s=float(wall) if isinstance(wall, int | float) and not isinstance(wall, bool) else None,
         finished=metrics_file.stat().st_mtime,
@@ -277,8 +286,19 @@ def negative_transfer(cells: dict[tuple[str, str], Cell], metric: str = "test/ac
     return flags
 
 
+def sweep_commands(runs: Sequence[Run]) -> list[str]:
+    """One :func:`sweep_command` per ``train.py -m`` call, in job order: runs that share their Hydra
+    overrides (``hydra.sweep.subdir=...`` and the like) came from one call, which sets them first."""
+    calls: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        calls.setdefault(run.hydra_overrides, []).append(run)
+    commands = [sweep_command(group) for group in calls.values()]
+    return [command for command in commands if command]
+
+
 def sweep_command(runs: Sequence[Run]) -> str | None:
-    """``python train.py -m key=v1,v2 ...`` rebuilt from the runs' overrides (values in job order)."""
+    """``python train.py -m key=v1,v2 ...`` rebuilt from the runs' overrides (values in job order), after
+    the first run's Hydra overrides."""
     values: dict[str, list[str]] = {}
     for run in runs:
         for override in run.overrides:
@@ -289,7 +309,7 @@ def sweep_command(runs: Sequence[Run]) -> str | None:
     if not values:
         return None
     parts = [shlex.quote(f"{key}={','.join(v)}" if v else key) for key, v in values.items()]
-    return " ".join(["python train.py -m", *parts])
+    return " ".join(["python train.py -m", *map(shlex.quote, runs[0].hydra_overrides), *parts])
 
 
 def group_order(names: Sequence[str]) -> list[str]:
@@ -387,9 +407,9 @@ def render_markdown(runs: Sequence[Run], metric: str, root: Path, plots: dict[st
     plural = "" if len(runs) == 1 else "s"
     lines = [f"# Sweep report: `{metric}`", "", f"{len(runs)} run{plural} under `{root}`.", ""]
 
-    command = sweep_command(runs)
-    lines += ["## Command", ""]
-    lines += ["```bash", command, "```"] if command else ["No `.hydra/overrides.yaml` found: unknown."]
+    commands = sweep_commands(runs)
+    lines += ["## Command" if len(commands) < 2 else "## Commands", ""]
+    lines += ["```bash", *commands, "```"] if commands else ["No `.hydra/overrides.yaml` found: unknown."]
 
     lines += ["", "## Results", ""]
     lines += [

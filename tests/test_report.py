@@ -260,3 +260,31 @@ def test_wall_time_sums_the_runs_and_spans_first_start_to_last_end(tmp_path):
 )
 def test_durations_are_formatted_for_reading(seconds, text):
     assert report.format_duration(seconds) == text
+
+
+def test_sweeps_written_into_one_directory_get_one_command_each(tmp_path):
+    # two `train.py -m` calls told apart by hydra.sweep.subdir, as the sample-efficiency runs were made
+    calls = {
+        "a": [("scratch", 5, 0), ("scratch", 5, 1)],
+        "b": [("linear_probe", 5, 0), ("linear_probe", 10, 0)],
+    }
+    num = 0
+    for suffix, runs in calls.items():
+        for strategy, per_class, seed in runs:
+            run = _write_run(tmp_path, num, strategy, per_class, seed, 0.5, drift=False)
+            hydra_overrides = [f"hydra.sweep.subdir=${{hydra.job.num}}_{suffix}", "hydra.mode=MULTIRUN"]
+            (run / ".hydra" / "hydra.yaml").write_text(
+                "hydra:\n  overrides:\n    hydra:\n" + "".join(f"    - {o}\n" for o in hydra_overrides)
+            )
+            num += 1
+    runs = report.collect_runs(tmp_path)
+    assert runs[0].hydra_overrides == ("hydra.sweep.subdir=${hydra.job.num}_a",)  # hydra.mode left out
+    assert report.sweep_commands(runs) == [
+        "python train.py -m 'hydra.sweep.subdir=${hydra.job.num}_a' strategy=scratch "
+        "data.train_per_class=5 seed=0,1 trainer.max_epochs=3",
+        "python train.py -m 'hydra.sweep.subdir=${hydra.job.num}_b' strategy=linear_probe "
+        "data.train_per_class=5,10 seed=0 trainer.max_epochs=3",
+    ]
+    assert report.main([str(tmp_path)]) == 0
+    section = _section((tmp_path / "report.md").read_text(encoding="utf-8"), "Commands")
+    assert section.count("python train.py -m") == 2
