@@ -4,7 +4,9 @@ the rank agreement of a score with fine-tuned accuracy against hand-counted pair
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +233,45 @@ def test_rank_agreement_leaves_out_candidates_without_a_score_instead_of_scoring
 def test_rank_agreement_needs_two_candidates_with_both_values():
     with pytest.raises(ValueError, match=r"at least 2 candidates .* got \['a'\]"):
         rank_agreement({"a": 1.0, "b": None}, ACCURACY)
+
+
+def _load_check_script(monkeypatch):
+    path = Path(__file__).resolve().parent.parent / "scripts" / "transferability_check.py"
+    spec = importlib.util.spec_from_file_location("tl_transferability_check", path)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
+
+
+def _fake_run(run_dir: Path, backbone: str, cut_at: str | None, acc: float) -> None:
+    """The files of a finished train.py multirun job that the check reads."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"hydra": {"runtime": {"choices": {"backbone": backbone}}}}, run_dir / ".hydra/hydra.yaml")
+    OmegaConf.save({"backbone": {"cut_at": cut_at}, "seed": 0}, run_dir / ".hydra/config.yaml")
+    (run_dir / "metrics.json").write_text(json.dumps({"test": {"test/acc": acc, "test/loss": 1.0}}))
+
+
+def test_check_script_pairs_runs_with_scores_by_backbone_and_cut(tmp_path, monkeypatch):
+    scores = tmp_path / "scores.csv"
+    scores.write_text(
+        "candidate,feature dim,train samples,LogME,LEEP,NCE,seconds\n"
+        "m0,1280,50,0.1,-2.0,-2.5,1.0\n"
+        "m0@blocks.4,112,50,0.3,,,1.0\n"
+        "m1,1280,50,0.2,-1.0,-1.5,1.0\n"
+    )
+    _fake_run(tmp_path / "seed0/0", "m0", None, 0.5)
+    _fake_run(tmp_path / "seed0/1", "m0", "blocks.4", 0.9)
+    _fake_run(tmp_path / "seed0/2", "m1", None, 0.7)
+    _fake_run(tmp_path / "seed1/0", "m1", None, 0.8)
+    out = tmp_path / "out"
+    _load_check_script(monkeypatch).main(
+        ["--out", str(out), "--dataset", "toy", str(scores), str(tmp_path / "seed0"), str(tmp_path / "seed1")]
+    )
+    text = (out / "check.md").read_text()
+    assert "| m1 | 1280 | 50 | 0.2000 | -1.0000 | -1.5000 | 0.7500 ± 0.0707 (2) |" in text
+    assert "| m0@blocks.4 | 112 | 50 | 0.3000 | - | - | 0.9000 ± 0.0000 (1) |" in text
+    # LogME orders all three as the accuracy does; LEEP/NCE only see the two candidates with a head
+    assert "| toy | LogME | 3 | 1.000 | 0.333 | 1.000 |" in text
+    assert "| toy | LEEP | 2 | 1.000 |" in text and "| toy | NCE | 2 | 1.000 |" in text
+    assert (out / "scores_vs_finetuned.png").stat().st_size > 0
