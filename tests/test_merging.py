@@ -326,3 +326,13 @@ def test_checkpoints_of_different_bases_are_an_error(two_tasks, tmp_path):
     torch.save(other, tmp_path / "scratch.ckpt")
     with pytest.raises(ValueError, match="trained from a random init"):
         merge_checkpoints([str(tmp_path / "scratch.ckpt")], [1.0])
+
+
+def test_negative_merged_running_variance_is_an_error(states):
+    pretrained, _, ft_b = states
+    tau_b = task_vector(ft_b, pretrained)  # running_var grew by half: -3 tau_b makes it negative
+    with pytest.raises(
+        ValueError, match=r"running variances of \['1.running_var'\] \(1 layers\) are negative"
+    ):
+        apply_task_vector(pretrained, -3.0 * tau_b)
+    apply_task_vector(pretrained, -3.0 * task_vector(ft_b, pretrained, bn_stats="base"))
