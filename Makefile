@@ -23,8 +23,9 @@ train: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
+# every benchmarks/bench_*.py (or the scripts in ARGS), then one table of ratios; rows in outputs/bench/
 bench: $(STAMP)
-	for script in benchmarks/bench_*.py; do $(VENV)/bin/python $$script || exit 1; done
+	$(VENV)/bin/python benchmarks/summary.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tl_lightning tests scripts benchmarks train.py

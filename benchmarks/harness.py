@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from threadpoolctl import threadpool_limits
 
@@ -80,14 +81,11 @@ def fix_threads(n: int) -> int:
 
 
 def machine() -> str:
-    """One line with what decides a timing: threads, load average, CPUs, torch version."""
-    import torch
-
+    """One line with what decides a timing: threads, load average, CPUs, torch version (when loaded)."""
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
-    return (
-        f"{torch.get_num_threads()} torch threads, load average {load} on {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}"
-    )
+    torch = sys.modules.get("torch")
+    version = f", torch {torch.__version__}" if torch else ""
+    return f"{_threads()} torch threads, load average {load} on {os.cpu_count()} CPUs{version}"
 
 
 def begin(title: str, threads: int) -> None:
@@ -307,18 +305,18 @@ def report(title: str, rows: list[tuple[str, str | Ratio]]) -> None:
     """Print ``rows`` as a table under ``title`` and the machine line; append them to the run's summary.
 
     Under ``make bench`` (environment variable ``TL_BENCH_SUMMARY`` set to a JSON-lines file) every row
-    becomes one JSON line ``{"title", "label", "value", "machine"}``, plus ``median``/``low``/``high``/
-    ``kind`` for a :class:`Ratio`. Without the variable nothing is written.
+    becomes one JSON line ``{"script", "title", "label", "value", "machine"}``, plus ``median``, ``low``,
+    ``high`` and ``kind`` for a :class:`Ratio`. Without the variable nothing is written.
 
     Args:
         title: what was measured (benchmark and setting); the summary groups rows by it.
         rows: ``(label, value)``; a value is a :class:`Ratio` or any preformatted string.
     """
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("measurement")
     table.add_column("value", justify="right")
     for label, value in rows:
-        table.add_row(label, str(value))
+        table.add_row(escape(label), escape(str(value)))
     Console(width=120).print(table)
     print(machine(), flush=True)
     path = os.environ.get(SUMMARY_ENV)
@@ -327,7 +325,8 @@ def report(title: str, rows: list[tuple[str, str | Ratio]]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as file:
         for label, value in rows:
-            row = {"title": title, "label": label, "value": str(value), "machine": machine()}
+            row = {"script": Path(sys.argv[0]).stem, "title": title, "label": label, "value": str(value)}
+            row["machine"] = machine()
             if isinstance(value, Ratio):
                 row |= {"median": value.median, "low": value.low, "high": value.high, "kind": value.kind}
             file.write(json.dumps(row) + "\n")

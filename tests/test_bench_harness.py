@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -155,3 +157,26 @@ def test_report_appends_rows_to_the_summary(tmp_path, monkeypatch, capsys):
     assert "median" not in lines[1]
     out = capsys.readouterr().out
     assert "1.50x [1.25-2.00]" in out and "load average" in out
+
+
+def test_summary_reports_failed_and_skipped_scripts_and_compares_with_the_previous_run(tmp_path):
+    scripts = {
+        "bench_ok.py": 'import harness\nharness.report("loop", [("a / b", harness.Ratio(2.0, 1.5, 2.5))])\n',
+        "bench_fail.py": "import sys\nsys.exit(3)\n",
+        "bench_skip.py": 'import harness\nharness.skip("peers", "opacus is not installed")\n',
+    }
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+    command = [sys.executable, str(ROOT / "benchmarks" / "summary.py"), "--out", str(tmp_path / "out")]
+    command += [str(tmp_path / name) for name in scripts]
+    first = subprocess.run(command, capture_output=True, text=True)
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == second.returncode == 1, first.stderr  # a failed script fails make bench
+    for out in (first.stdout, second.stdout):
+        assert "exit 3" in out and "skipped: opacus is not installed" in out and "failed: bench_fail" in out
+    table = second.stdout.split("make bench: ratios")[1]
+    assert re.search(
+        r"2\.00x \[1\.50-2\.50\] +│ 2\.00x \[1\.50-2\.50\] +│ +\+0\.0%", table
+    )  # now, before, change
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert [(r["script"], r["label"]) for r in rows] == [("bench_ok", "a / b"), ("bench_skip", "skipped")]
