@@ -12,10 +12,14 @@ shrinks roughly by the batch size, so it is wrong, not an approximation.
 Per-sample squared gradients come from one batched backward pass per chunk of samples: module hooks on
 ``Linear``, ``Conv1d/2d`` (grouped and depthwise included), BatchNorm, LayerNorm, GroupNorm and
 ``Embedding`` layers turn each layer's input and output gradient into per-sample parameter gradients in
-closed form and square them at once (:mod:`tl_lightning._fisher_hooks`), so the per-sample gradients of
-the whole model never exist together. Parameters no hook covers exactly (other layer types, tied weights,
-layers called twice) use ``torch.func.vmap`` per-sample gradients, and a batch-size-1 loop where vmap
-cannot trace the model (Hugging Face attention-mask code). The chunk size follows a memory budget.
+closed form and square them a few samples at a time (:mod:`tl_lightning._fisher_hooks`), so the
+per-sample gradients of the whole model never exist together. Subclasses that override ``forward`` keep a
+closed form where the probe pass confirms what it assumes (a convolution padding TF-style "same", like
+timm's ``Conv2dSame``; BatchNorm followed by ``drop``/``act`` submodules, like timm's ``BatchNormAct2d``),
+else their own forward is differentiated per sample, layer by layer. Parameters no hook covers exactly
+(other layer types, tied weights, layers called twice) use ``torch.func.vmap`` per-sample gradients, and
+a batch-size-1 loop where vmap cannot trace the model (Hugging Face attention-mask code). The chunk size
+follows a memory budget.
 """
 
 from __future__ import annotations
