@@ -23,7 +23,7 @@ from resume_helpers import last_weights
 from torch.utils.data import DataLoader, TensorDataset
 
 from tl_lightning.backbones import TextBackbone, TextConfig, efficientnet_lite0
-from tl_lightning.callbacks import LayerDriftMonitor, LayerwiseLR
+from tl_lightning.callbacks import LayerDriftMonitor, LayerwiseLR, SourceRetention
 from tl_lightning.heads import LinearHead
 from tl_lightning.inference import export_safetensors, load_trained
 from tl_lightning.module import TransferModule
@@ -50,7 +50,7 @@ def _module(backbone, lr: float = 1e-2) -> TransferModule:
     )
 
 
-def _fit(module: pl.LightningModule, steps: int, callbacks=(), tmp_path=None) -> pl.Trainer:
+def _fit(module: pl.LightningModule, steps: int, callbacks=(), tmp_path=None, val=None) -> pl.Trainer:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(
         torch.randn(8 * steps, 3, 32, 32, generator=g), torch.randint(0, 10, (8 * steps,), generator=g)
@@ -65,7 +65,7 @@ def _fit(module: pl.LightningModule, steps: int, callbacks=(), tmp_path=None) ->
         callbacks=list(callbacks),
         default_root_dir=tmp_path,
     )
-    trainer.fit(module, DataLoader(data, batch_size=8))
+    trainer.fit(module, DataLoader(data, batch_size=8), val)
     return trainer
 
 
@@ -187,13 +187,16 @@ def test_merged_weights_give_the_adapter_model_s_logits(factory):
     assert module.backbone.layer_groups() == plain.backbone.layer_groups()
 
 
-def test_layerwise_lr_and_drift_monitor_see_peft_names_through_layer_groups(tmp_path):
+def test_layerwise_lr_and_monitors_see_peft_names_through_layer_groups(tmp_path):
     module = TransferModule(
         lora(efficientnet_lite0(), r=4), LinearHead(1280, 10), 10, partial(torch.optim.AdamW, lr=1e-2)
     )
-    trainer = _fit(
-        module, steps=2, callbacks=[LayerwiseLR("backbone", decay=0.5), LayerDriftMonitor("backbone")]
-    )
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    probe = DataLoader(images, batch_size=4)
+    val = DataLoader(TensorDataset(images, torch.arange(8) % 10), batch_size=4)
+    callbacks = [LayerwiseLR("backbone", decay=0.5), LayerDriftMonitor("backbone"), SourceRetention(probe)]
+    trainer = _fit(module, steps=2, callbacks=callbacks, val=val)
     prefix = "backbone.model.base_model.model."
     lr_of = {id(p): g["lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
     params = dict(module.named_parameters())
@@ -207,6 +210,9 @@ def test_layerwise_lr_and_drift_monitor_see_peft_names_through_layer_groups(tmp_
     drift = trainer.callback_metrics
     assert drift["drift/backbone.conv_stem+bn1"] == 0  # no adapter there
     assert drift["drift/backbone.blocks.3"] > 0
+    assert (
+        0 <= drift["source/agreement"] <= 1 and drift["source/kl"] > 0
+    )  # the adapters moved the source logits
 
 
 # --- through the pipeline: adapter checkpoints, resume, export ---------------------------------------
