@@ -229,16 +229,22 @@ _MERGE_SCRIPT.loader.exec_module(merge_script)
 
 @pytest.fixture(scope="module")
 def two_tasks(tmp_path_factory):
-    """Lite0 fine-tuned (3 steps, 32 px) on digits 0-4 and on 5-9: two train.py checkpoints of one base."""
+    """Lite0 fine-tuned (3 steps, 32 px) on digits 0-4 (A, and L with LoRA) and on 5-9 (B): train.py
+    checkpoints of one base."""
     root = tmp_path_factory.mktemp("merge_runs")
     paths = {}
-    for task, classes in (("A", "[0,1,2,3,4]"), ("B", "[5,6,7,8,9]")):
+    runs = (
+        ("A", "[0,1,2,3,4]", "full_finetune"),
+        ("B", "[5,6,7,8,9]", "full_finetune"),
+        ("L", "[0,1,2,3,4]", "lora"),
+    )
+    for task, classes, strategy in runs:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(
                 "train",
                 overrides=[
                     *FAST,
-                    "strategy=full_finetune",
+                    f"strategy={strategy}",
                     "module.optimizer.lr=1e-2",
                     f"data.classes={classes}",
                     "logger=none",
@@ -292,7 +298,13 @@ def test_merged_checkpoint_gives_the_logits_of_the_merged_state(two_tasks, tmp_p
 def test_negated_checkpoint_keeps_the_chosen_head(two_tasks, tmp_path):
     a, b = str(two_tasks["A"]), str(two_tasks["B"])
     out = tmp_path / "negated"
-    merge_script.main(["--vectors", b, "--weights", "-0.5", "--heads", a, "--out", str(out)])
+    with pytest.raises(
+        ValueError, match="running variances of .* are negative"
+    ):  # statistics merged as weights
+        merge_script.main(["--vectors", b, "--weights", "-0.5", "--heads", a, "--out", str(out)])
+    merge_script.main(
+        ["--vectors", b, "--weights", "-0.5", "--heads", a, "--bn-stats", "base", "--out", str(out)]
+    )
     written, checkpoint_a, checkpoint_b = (
         load_checkpoint(out / "head0.ckpt"),
         load_checkpoint(a),
@@ -303,6 +315,8 @@ def test_negated_checkpoint_keeps_the_chosen_head(two_tasks, tmp_path):
     base = pretrained[key]
     expected = base + (-0.5) * (checkpoint_b["state_dict"][f"backbone.{key}"] - base)
     torch.testing.assert_close(written["state_dict"][f"backbone.{key}"], expected, rtol=0, atol=1e-7)
+    statistics = "model.blocks.3.0.bn1.running_var"  # bn_stats=base: the pretrained statistics
+    assert torch.equal(written["state_dict"][f"backbone.{statistics}"], pretrained[statistics])
     assert torch.equal(
         written["state_dict"]["heads.target.1.weight"], checkpoint_a["state_dict"]["heads.target.1.weight"]
     )
@@ -336,3 +350,36 @@ def test_negative_merged_running_variance_is_an_error(states):
     ):
         apply_task_vector(pretrained, -3.0 * tau_b)
     apply_task_vector(pretrained, -3.0 * task_vector(ft_b, pretrained, bn_stats="base"))
+
+
+def test_lora_checkpoint_vector_is_the_peft_merged_weights_minus_the_base(two_tasks, tmp_path):
+    lora, full = str(two_tasks["L"]), str(two_tasks["A"])
+    assert not any(
+        k.startswith("backbone.model.base_model.model.model.conv_stem")
+        for k in load_checkpoint(lora)["state_dict"]
+    )
+    config = load_checkpoint(full)["tl_lightning"]["config"]
+    pretrained = pretrained_backbone(config).state_dict()
+    peft_model = load_trained(lora).module  # the adapters folded in by PEFT's merge_and_unload
+    peft_merged = peft_model.backbone.state_dict()
+    merge_script.main(["--vectors", lora, "--weights", "1", "--out", str(tmp_path / "alone")])
+    alone = load_checkpoint(tmp_path / "alone" / "head0.ckpt")
+    assert alone["tl_lightning"]["config"]["adapter"] is None and "optimizer_states" not in alone
+    adapted, untouched = "model.blocks.3.0.conv_pwl.weight", "model.blocks.3.0.conv_dw.weight"
+    assert not torch.equal(peft_merged[adapted], pretrained[adapted])
+    assert torch.equal(alone["state_dict"][f"backbone.{untouched}"], pretrained[untouched])
+    images = _digit_batch()
+    with torch.no_grad():
+        reference = peft_model.eval()(images)
+        torch.testing.assert_close(
+            load_trained(tmp_path / "alone" / "head0.ckpt").module(images), reference, rtol=0, atol=1e-6
+        )
+    merge_script.main(
+        ["--vectors", lora, full, "--weights", "1", "0.5", "--heads", full, "--out", str(tmp_path / "mixed")]
+    )
+    mixed = load_checkpoint(tmp_path / "mixed" / "head0.ckpt")["state_dict"]
+    finetuned = load_checkpoint(full)["state_dict"]
+    for key in (adapted, untouched):
+        base = pretrained[key]
+        expected = base + (1.0 * (peft_merged[key] - base) + 0.5 * (finetuned[f"backbone.{key}"] - base))
+        torch.testing.assert_close(mixed[f"backbone.{key}"], expected, rtol=0, atol=1e-6)

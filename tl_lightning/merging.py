@@ -316,6 +316,21 @@ def backbone_state(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return state
 
 
+def finetuned_backbone_state(checkpoint: Mapping, path: str) -> dict[str, torch.Tensor]:
+    """The fine-tuned backbone of a ``train.py`` checkpoint as plain weights (names of the unwrapped model).
+
+    A full fine-tune's checkpoint holds them; a ``strategy=lora|ia3`` checkpoint holds adapters only,
+    so the model is rebuilt (pretrained base + adapters) and the adapters are folded in with PEFT's
+    ``merge_and_unload`` (:func:`tl_lightning.inference.load_trained`): the task vector of a LoRA run is
+    PEFT's merged weights minus the base, non-zero on the adapted layers only.
+    """
+    if ((checkpoint.get(METADATA_KEY) or {}).get("config") or {}).get("adapter") is None:
+        return backbone_state(checkpoint)
+    from tl_lightning.inference import load_trained
+
+    return {k: v.detach().clone() for k, v in load_trained(path).module.backbone.state_dict().items()}
+
+
 class CheckpointBases:
     """The pretrained backbone state of each ``train.py`` checkpoint, built once per recorded backbone config.
 
@@ -375,8 +390,13 @@ def merge_checkpoints(
     ``ModelCheckpoint`` states are dropped (they name the fine-tune's files, which the test after a
     resumed fit would otherwise load), and ``checkpoint["tl_lightning"]["merge"]`` records the recipe.
 
+    Checkpoints of ``strategy=lora|ia3`` runs give the vector of PEFT's merged weights (see
+    :func:`finetuned_backbone_state`); a kept head of such a run gets a plain-weights checkpoint (the
+    config's ``adapter`` set to null, the adapters' optimizer state dropped) for ``load_trained`` and
+    the test loop, not for resuming.
+
     Args:
-        vector_paths: Fine-tuned checkpoints whose task vectors are merged.
+        vector_paths: Fine-tuned checkpoints (full or LoRA/IA3) whose task vectors are merged.
         weights: One coefficient per vector (negative to subtract a task).
         head_paths: Checkpoints whose heads are kept (default: ``vector_paths``); e.g. task A's
             checkpoint when ``-tau_B`` is applied.
@@ -397,7 +417,7 @@ def merge_checkpoints(
         checkpoint = load_checkpoint(path)
         base = bases(checkpoint, str(path))
         try:
-            vectors.append(task_vector(backbone_state(checkpoint), base, bn_stats))
+            vectors.append(task_vector(finetuned_backbone_state(checkpoint, path), base, bn_stats))
         except ValueError as error:
             raise ValueError(f"{str(path)!r}: {error}") from error
         fingerprints[str(path)] = vectors[-1].base_fingerprint
@@ -428,7 +448,12 @@ def merge_checkpoints(
         checkpoint["callbacks"] = {
             k: v for k, v in checkpoint.get("callbacks", {}).items() if not k.startswith("ModelCheckpoint")
         }
-        checkpoint[METADATA_KEY] = dict(checkpoint[METADATA_KEY]) | {"merge": recipe | {"head": str(path)}}
+        metadata = dict(checkpoint[METADATA_KEY]) | {"merge": recipe | {"head": str(path)}}
+        if metadata["config"].get("adapter") is not None:  # the merged backbone is plain weights
+            metadata["config"] = metadata["config"] | {"adapter": None}
+            for key in ("optimizer_states", "lr_schedulers"):  # they belong to the adapters, not restorable
+                checkpoint.pop(key, None)
+        checkpoint[METADATA_KEY] = metadata
         merged.append(checkpoint)
     return merged
 
