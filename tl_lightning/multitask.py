@@ -84,7 +84,8 @@ class MultiTaskModule(TransferModule):
     is read as ``d loss / d sum_t w_t L_t`` and applied to every task, which PCGrad commutes with.
     Per-task gradients are summed over an accumulation window and the projection of the sums is
     written to ``.grad``, so accumulating ``k`` micro-batches projects the same gradient as one batch
-    ``k`` times larger. One device only (:func:`check_pcgrad_strategy`).
+    holding them all (batch statistics such as BatchNorm's aside). One device only
+    (:func:`check_pcgrad_strategy`). Cost: one backward pass per task instead of one in all.
 
     Args:
         backbone, optimizer, scheduler, label_smoothing, weight_decay: As
@@ -240,7 +241,7 @@ class MultiTaskModule(TransferModule):
 
     def _write_projection(self, shared: list[nn.Parameter]) -> None:
         """``.grad`` of the shared parameters <- PCGrad of the window's per-task gradient sums."""
-        flat = torch.cat([self._task_grads[p].flatten(1) for p in shared], dim=1)
+        flat = torch.cat([self._task_grads[p].flatten(1) for p in shared], dim=1).float()  # fp32 dot products
         seed = np.random.SeedSequence([self.hparams.pcgrad_seed, self.global_step]).generate_state(1)[0]
         combined = pcgrad(list(flat), torch.Generator().manual_seed(int(seed)))
         for p, g in zip(shared, combined.split([p.numel() for p in shared]), strict=True):
