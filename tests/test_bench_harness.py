@@ -7,9 +7,16 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,8 +98,6 @@ def test_ratio_and_timing_reject_bad_input():
 
 
 def test_fix_threads_sets_torch_and_child_environment(monkeypatch):
-    import torch
-
     before = torch.get_num_threads()
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         monkeypatch.setenv(variable, "7")
@@ -180,3 +185,52 @@ def test_summary_reports_failed_and_skipped_scripts_and_compares_with_the_previo
     )  # now, before, change
     rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     assert [(r["script"], r["label"]) for r in rows] == [("bench_ok", "a / b"), ("bench_skip", "skipped")]
+
+
+class TinyClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_default_job_phases_add_up_and_count_every_checkpoint(tmp_path, monkeypatch):
+    bench = _load("bench_default_job")
+    monkeypatch.setenv(bench.PHASES_ENV, str(tmp_path / "phases.json"))
+    launched = time.time()
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", save_top_k=1),
+            ModelCheckpoint(dirpath=tmp_path, filename="last", monitor=None, enable_version_counter=False),
+            bench.PhaseTimer(),
+        ],
+    )
+    trainer.fit(TinyClassifier(), data, data)
+    trainer.test(ckpt_path=trainer.checkpoint_callback.best_model_path, dataloaders=data, weights_only=False)
+    ended = time.time()
+    run = bench.phases(json.loads((tmp_path / "phases.json").read_text()), launched, ended, cpu=1.0)
+
+    assert run["epochs"] == 3
+    best_saves = len(list(tmp_path.glob("epoch=*.ckpt")))  # at least the first epoch's
+    assert 3 + best_saves <= run["checkpoints"] <= 6  # "last" every epoch, "best" when it improved
+    assert all(seconds >= 0 for seconds in run["phases"].values()), run["phases"]
+    assert sum(run["phases"].values()) == pytest.approx(ended - launched, abs=1e-6)
+    for name in ("sanity check", "training", "validation", "checkpoint", "test loop"):
+        assert run["phases"][name] > 0, name
