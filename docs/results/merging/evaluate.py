@@ -15,7 +15,8 @@ For every seed (the runs of ``finetune.sh``):
    frozen pretrained features, pretrained BatchNorm statistics): the fine-tuned heads only read the
    features of their own fine-tune, so they cannot tell what the pretrained model knew. ``lam`` from
    ``NEGATION_GRID`` is the largest that keeps task A's validation accuracy within 5 points of the base.
-5. Test accuracy of every row, mean ± std over seeds, as markdown.
+5. Test accuracy of every row per seed in ``RUNS/results_seed<seed>.json``; the table (mean ± std over
+   every seed evaluated so far) is printed as markdown.
 
 Usage (from the repository root, after ``finetune.sh`` for every seed)::
 
@@ -195,19 +196,19 @@ def render(results: dict[int, dict[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds to evaluate ('' only prints the table)")
     parser.add_argument("--runs", type=Path, default=Path("docs/results/merging/runs"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     np.random.seed(0)
-    results = {}
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",") if s):
         started = time.perf_counter()
-        results[seed] = evaluate_seed(args.runs, seed)
-        print(f"seed {seed}: {time.perf_counter() - started:.0f} s", json.dumps(results[seed]), flush=True)
-    table = render(results)
-    (args.runs / "results.json").write_text(json.dumps(results, indent=2))
-    print(table)
+        rows = evaluate_seed(args.runs, seed)
+        (args.runs / f"results_seed{seed}.json").write_text(json.dumps(rows, indent=2))
+        print(f"seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    files = sorted(args.runs.glob("results_seed*.json"))
+    results = {int(f.stem.removeprefix("results_seed")): json.loads(f.read_text()) for f in files}
+    print(f"seeds {sorted(results)}:\n{render(results)}")
     return 0
 
 
