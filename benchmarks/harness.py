@@ -310,7 +310,8 @@ def report(title: str, rows: list[tuple[str, str | Ratio]]) -> None:
 
     Args:
         title: what was measured (benchmark and setting); the summary groups rows by it.
-        rows: ``(label, value)``; a value is a :class:`Ratio` or any preformatted string.
+        rows: ``(label, value)``; a value is a :class:`Ratio` or any preformatted string. The ``make bench``
+            summary table lists the :class:`Ratio` rows (and ``skip`` rows); strings stay in this table.
     """
     table = Table(title=escape(title), title_justify="left")
     table.add_column("measurement")
