@@ -15,7 +15,7 @@ What a vector covers:
   out of the vector and a merged model keeps the pretrained ones, to be re-estimated on unlabelled
   images of the merged tasks (``torch.optim.swa_utils.update_bn``), which is what works on the
   digits experiment (``docs/results/merging``): Lite0 merged from digits 0-4 and 5-9 reaches 0.96 /
-  0.96 validation accuracy with re-estimated statistics, 0.70 / 0.52 with pretrained ones.
+  0.93 validation accuracy with re-estimated statistics, 0.69 / 0.52 with pretrained ones.
 * Integer buffers (``num_batches_tracked``) are never part of a vector; they come from the base.
 * Every vector records a fingerprint (SHA-256 over names, dtypes, shapes and bytes) of the pretrained
   state it was taken against. Combining vectors of different bases, or adding a vector to another
