@@ -135,9 +135,11 @@ class Timing:
         )
 
     def describe(self, kind: str = "cpu") -> str:
-        """``"12.3 ms [11.9-13.0]"``: median and min-max."""
+        """``"12.3 ms [11.9-13.0]"``: median and min-max (the median alone for a single round)."""
         scale, unit = (1e3, "ms") if abs(self.median(kind)) < 1 else (1.0, "s")
         low, median, high = (scale * f(kind) for f in (self.min, self.median, self.max))
+        if len(self.values(kind)) == 1:
+            return f"{_number(median)} {unit}"
         return f"{_number(median)} {unit} [{_number(low)}-{_number(high)}]"
 
 

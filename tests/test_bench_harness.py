@@ -69,6 +69,7 @@ def test_interleave_runs_arms_in_turn_and_drops_warmup_rounds():
     assert timings["b"].per(10).wall == [1.0, 2.0, 3.0]
     assert timings["b"].minus(timings["a"]).wall == [9.0, 18.0, 27.0]  # paired round by round
     assert timings["b"].describe("wall") == "20.0 s [10.0-30.0]"
+    assert harness.Timing(wall=[0.25], cpu=[0.25]).describe() == "250 ms"
 
 
 def test_interleave_without_warmup_keeps_every_call():
