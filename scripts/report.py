@@ -22,7 +22,7 @@ run's end. When several sweeps write into one directory, the span includes the t
 Negative transfer: a strategy other than ``scratch`` whose mean is worse than scratch's at the same
 ``train_per_class`` by more than the seed noise, ``sqrt(se_a² + se_b²)`` with ``se = std / sqrt(n)``
 (a fixed 0.01 when either side has a single run). "Worse" is lower, or higher for a metric whose name
-contains ``loss``.
+contains ``loss``. The strategies *better* than scratch by the same rule are listed per size too.
 
 Usage::
 
@@ -271,7 +271,17 @@ def negative_transfer(cells: dict[tuple[str, str], Cell], metric: str = "test/ac
     The tolerance is the combined standard error ``sqrt(se_a² + se_b²)``, or ``FIXED_TOLERANCE``
     when either cell has a single run. Cells without a scratch counterpart are not judged.
     """
-    sign = -1.0 if lower_is_better(metric) else 1.0
+    return _versus_scratch(cells, metric, worse=True)
+
+
+def positive_transfer(cells: dict[tuple[str, str], Cell], metric: str = "test/acc") -> list[Flag]:
+    """Transfer strategies *better* than ``scratch`` beyond the seed noise (the same rule as
+    :func:`negative_transfer`, the other way round)."""
+    return _versus_scratch(cells, metric, worse=False)
+
+
+def _versus_scratch(cells: dict[tuple[str, str], Cell], metric: str, worse: bool) -> list[Flag]:
+    sign = (-1.0 if lower_is_better(metric) else 1.0) * (1.0 if worse else -1.0)
     flags = []
     for (strategy, label), cell in sorted(cells.items()):
         baseline = cells.get((BASELINE, label))
@@ -440,6 +450,22 @@ def render_markdown(runs: Sequence[Run], metric: str, root: Path, plots: dict[st
                 f"- `{f.strategy}` at train_per_class={f.label}: {f.cell} vs {BASELINE} {f.baseline}, "
                 f"difference {abs(f.cell.mean - f.baseline.mean):.3f} > tolerance {f.tolerance:.3f}"
             )
+
+    lines += ["", "## Transfer that beats scratch", ""]
+    better = positive_transfer(cells, metric)
+    if not any(s == BASELINE for s, _ in cells):
+        lines.append(f"No `{BASELINE}` runs: nothing to compare with.")
+    else:
+        lines.append(f"Better than `{BASELINE}` by more than the seed noise (the same tolerance):")
+        lines.append("")
+        for label in labels:
+            wins = sorted(
+                (f for f in better if f.label == label), key=lambda f: -abs(f.cell.mean - f.baseline.mean)
+            )
+            text = (
+                ", ".join(f"`{f.strategy}` +{abs(f.cell.mean - f.baseline.mean):.3f}" for f in wins) or "none"
+            )
+            lines.append(f"- train_per_class={label}: {text}")
 
     lines += ["", "## Layer drift", ""]
     label, groups, profile = drift_profile(runs)

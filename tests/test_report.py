@@ -288,3 +288,21 @@ def test_sweeps_written_into_one_directory_get_one_command_each(tmp_path):
     assert report.main([str(tmp_path)]) == 0
     section = _section((tmp_path / "report.md").read_text(encoding="utf-8"), "Commands")
     assert section.count("python train.py -m") == 2
+
+
+def test_transfer_that_beats_scratch_beyond_the_seed_noise_is_listed_per_size(sweep):
+    root, _, markdown = sweep
+    better = report.positive_transfer(report.aggregate(report.collect_runs(root)))
+    assert [(f.strategy, f.label) for f in better] == [("linear_probe", "5")]
+    assert better[0].tolerance == pytest.approx((0.02**2 / 3 + 0.02**2 / 3) ** 0.5)
+    lines = [
+        line
+        for line in _section(markdown, "Transfer that beats scratch").splitlines()
+        if line.startswith("- ")
+    ]
+    # 10: 0.595 vs 0.600 (n=1 both); all: every strategy at or below scratch
+    assert lines == [
+        "- train_per_class=5: `linear_probe` +0.300",
+        "- train_per_class=10: none",
+        "- train_per_class=all: none",
+    ]
