@@ -15,6 +15,7 @@ For every seed (the runs of ``finetune.sh``):
    frozen pretrained features, pretrained BatchNorm statistics): the fine-tuned heads only read the
    features of their own fine-tune, so they cannot tell what the pretrained model knew. ``lam`` from
    ``NEGATION_GRID`` is the largest that keeps task A's validation accuracy within 5 points of the base.
+   Control: a random direction with the per-tensor norms of ``tau_B``, subtracted with the same ``lam``.
 5. Test accuracy of every row per seed in ``RUNS/results_seed<seed>.json``; the table (mean ± std over
    every seed evaluated so far) is printed as markdown.
 
@@ -41,6 +42,7 @@ from tl_lightning.data import DigitsDataModule
 from tl_lightning.inference import load_trained
 from tl_lightning.merging import (
     CheckpointBases,
+    TaskVector,
     apply_task_vector,
     backbone_state,
     merge_task_vectors,
@@ -48,7 +50,7 @@ from tl_lightning.merging import (
 )
 
 TASKS = {"A": [0, 1, 2, 3, 4], "B": [5, 6, 7, 8, 9]}
-MERGE_GRID = [0.6, 1.0, 1.4]
+MERGE_GRID = [0.6, 1.0, 1.4, 1.8]
 NEGATION_GRID = [0.5, 1.0, 1.5, 2.0, 2.5]
 MERGES = {  # name -> merge_task_vectors arguments (weights 1, 1; lam scales the result)
     "task arithmetic": {"method": "task_arithmetic"},
@@ -169,7 +171,22 @@ def evaluate_seed(runs: Path, seed: int) -> dict[str, dict]:
             chosen = lam
     ev.load(apply_task_vector(ev.pretrained, -chosen * ev.vectors["B"]))
     rows["negated: base - lam tau_B, linear probes"] = ev.probe_accuracy("test") | {"lam": chosen}
+    ev.load(apply_task_vector(ev.pretrained, -chosen * _random_like(ev.vectors["B"], seed)))
+    rows["control: base - lam r (random, norms of tau_B), linear probes"] = ev.probe_accuracy("test") | {
+        "lam": chosen
+    }
     return rows
+
+
+def _random_like(vector: TaskVector, seed: int) -> TaskVector:
+    """A random direction with the per-tensor norms of ``vector``: does any step that long hurt task B?"""
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for key in sorted(vector.deltas):
+        delta = vector.deltas[key]
+        noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
+        deltas[key] = noise * (delta.norm() / noise.norm().clamp_min(1e-12))
+    return TaskVector(deltas, vector.base_fingerprint)
 
 
 def _mean_std(values: list[float]) -> str:
