@@ -102,7 +102,7 @@ def fisher_diagonal(
             model as one argument. Tensors are moved to the model's device.
         mode: ``"empirical"`` uses the given labels; ``"sampled"`` draws ``y ~ p(y|x)`` from the
             model's own predictions (see :func:`sample_labels`); ``"exact"`` sums over classes
-            ``Σ_c p(c|x) (∂ log p(c|x))²`` (one backward pass per class).
+            ``Σ_c p(c|x) (∂ log p(c|x))²`` (``C - 1`` backward passes over one forward).
         max_samples: Stop after this many samples (all ranks together when ``shard=True``).
         chunk_size: Samples per batched gradient computation; ``None`` derives it from
             ``memory_budget`` and the activation memory of a probe forward pass.
@@ -428,13 +428,19 @@ def _hooked_pass(net: nn.Module, hooks: LayerHooks, x: Any, y: Tensor | None, mo
             loss = F.cross_entropy(logits.to(_acc_dtype(logits)), y, reduction="sum")
             torch.autograd.grad(loss, [hooks.anchor], allow_unused=True)
             return
-        # Σ_c p_c (∂ log p_c)²: class c's backward of √p_c · log p_c (p held constant) squares to it
-        logp = logits.to(_acc_dtype(logits)).log_softmax(dim=-1)
-        root = logp.detach().exp().sqrt()
-        classes = logp.shape[-1]
-        for c in range(classes):
-            loss = (root[:, c] * logp[:, c]).sum()
-            torch.autograd.grad(loss, [hooks.anchor], retain_graph=c < classes - 1, allow_unused=True)
+        # Σ_c p_c (∂ log p_c)² = diag(Jᵀ M J) with J = ∂logits/∂θ and M = diag(p) - p pᵀ per sample. M has
+        # rank C - 1 (M·1 = 0), so C - 1 backward passes of M's square-root columns cover it: one fewer
+        # than one per class
+        out = logits.to(_acc_dtype(logits))
+        probs = out.detach().double().softmax(dim=-1)
+        covariance = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        values, vectors = torch.linalg.eigh(covariance)  # ascending: the null direction comes first
+        roots = (vectors * values.clamp_min(0).sqrt().unsqueeze(-2))[..., 1:].to(out.dtype)
+        passes = roots.shape[-1]
+        for k in range(passes):
+            torch.autograd.grad(
+                out, [hooks.anchor], roots[..., k], retain_graph=k < passes - 1, allow_unused=True
+            )
 
 
 def _loop(
