@@ -208,13 +208,13 @@ class _LossScalingOnly(MixedPrecision):
 def test_pcgrad_step_is_the_same_with_accumulation_and_a_grad_scaler(tasks, seed):
     """Two half batches accumulated, under a 2**12 loss scale, project the same gradient as one batch."""
     data = _conflicting_data(tasks, seed)
-    reference = _fit_one_step(_conflicting_module(tasks, pcgrad_seed=5), data)
+    reference = _fit_one_step(_conflicting_module(tasks, pcgrad_seed=4), data)
     accumulated = _fit_one_step(
-        _conflicting_module(tasks, pcgrad_seed=5), data, batch_size=N // 2, accumulate_grad_batches=2
+        _conflicting_module(tasks, pcgrad_seed=4), data, batch_size=N // 2, accumulate_grad_batches=2
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scaled = _fit_one_step(
-        _conflicting_module(tasks, pcgrad_seed=5),
+        _conflicting_module(tasks, pcgrad_seed=4),
         data,
         batch_size=N // 2,
         accumulate_grad_batches=2,
@@ -225,17 +225,15 @@ def test_pcgrad_step_is_the_same_with_accumulation_and_a_grad_scaler(tasks, seed
         assert torch.allclose(accumulated[name], value, atol=1e-6), name
         assert torch.allclose(scaled[name], value, atol=1e-6), name
     # the reference itself is PCGrad of the full-batch task gradients, in the order drawn for step 0
-    module = _conflicting_module(tasks, pcgrad_seed=5)
+    module = _conflicting_module(tasks, pcgrad_seed=4)
     grads = _task_gradients(module, data, dict.fromkeys(tasks, 1.0))
     shared = [n for n, _ in module.named_parameters() if n.startswith("backbone.")]
     flat = [torch.cat([grads[t][n].flatten() for n in shared]) for t in tasks]
-    if len(tasks) == 3:  # the drawn order changes this step, so drawing it per micro-batch would show
-        results = {
-            tuple(pcgrad(flat, torch.Generator().manual_seed(s)).round(decimals=6).tolist()) for s in range(8)
-        }
-        assert len(results) > 1
-    seed = np.random.SeedSequence([5, 0]).generate_state(1)[0]
+    seed = np.random.SeedSequence([4, 0]).generate_state(1)[0]
     combined = pcgrad(flat, torch.Generator().manual_seed(int(seed)))
+    if len(tasks) == 3:  # the orders drawn for steps 0 and 1 differ here: drawing per micro-batch would show
+        step_1 = np.random.SeedSequence([4, 1]).generate_state(1)[0]
+        assert not torch.allclose(combined, pcgrad(flat, torch.Generator().manual_seed(int(step_1))))
     start = dict(module.named_parameters())
     for name, g in zip(shared, combined.split([start[n].numel() for n in shared]), strict=True):
         assert torch.allclose(reference[name], start[name].detach() - LR * g.view_as(start[name]), atol=1e-6)
