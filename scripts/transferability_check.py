@@ -10,8 +10,9 @@ Per dataset and score, :func:`tl_lightning.transferability.rank_agreement` compa
 fine-tuned accuracy over the candidates that have both (LEEP and NCE exist only for candidates that
 keep their source head). Written to ``--out``:
 
-* ``check.md`` -- per dataset the scores and the fine-tuned accuracy (mean ± sample std, runs), then
-  Kendall's tau (with its p-value) and the weighted tau per score per dataset, with ``n``;
+* ``check.md`` -- per dataset the scores and the fine-tuned accuracy (mean ± sample std, runs; no std
+  for a single run), then Kendall's tau (with its p-value) and the weighted tau per score per dataset,
+  with ``n``;
 * ``scores_vs_finetuned.png`` -- fine-tuned accuracy against each score, one row of panels per dataset.
 
 Usage::
@@ -142,8 +143,9 @@ def _cell(value: float | int | None, digits: int = 4) -> str:
 def _accuracy_cell(values: list[float] | None) -> str:
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {std:.4f} ({len(values)})"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1)"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)})"
 
 
 def markdown(datasets: dict[str, list[Candidate]], found: dict[str, dict], metric: str) -> str:
@@ -194,13 +196,13 @@ def plot(datasets: dict[str, list[Candidate]], found: dict[str, dict], metric: s
     for row, (dataset, candidates) in enumerate(datasets.items()):
         for column, score in enumerate(SCORES):
             axis = axes[row][column]
-            shown = [c for c in candidates if c.scores[score] is not None and c.accuracy]
-            for c in shown:
+            for index, c in enumerate(candidates):  # one colour per candidate across panels
+                if c.scores[score] is None or not c.accuracy:
+                    continue
                 std = statistics.stdev(c.accuracy) if len(c.accuracy) > 1 else 0.0
-                axis.errorbar(c.scores[score], c.mean_accuracy, yerr=std, fmt="o", capsize=3)
-                axis.annotate(
-                    c.name.replace("efficientnet_", ""), (c.scores[score], c.mean_accuracy), fontsize=7
-                )
+                x, y = c.scores[score], c.mean_accuracy
+                axis.errorbar(x, y, yerr=std, fmt="o", capsize=3, color=f"C{index}")
+                axis.annotate(c.name.replace("efficientnet_", ""), (x, y), fontsize=7)
             agreement = found[dataset][score]
             title = f"{dataset}: {score}"
             if agreement is not None:

@@ -270,7 +270,7 @@ def test_check_script_pairs_runs_with_scores_by_backbone_and_cut(tmp_path, monke
     )
     text = (out / "check.md").read_text()
     assert "| m1 | 1280 | 50 | 0.2000 | -1.0000 | -1.5000 | 0.7500 ± 0.0707 (2) |" in text
-    assert "| m0@blocks.4 | 112 | 50 | 0.3000 | - | - | 0.9000 ± 0.0000 (1) |" in text
+    assert "| m0@blocks.4 | 112 | 50 | 0.3000 | - | - | 0.9000 (1) |" in text
     # LogME orders all three as the accuracy does; LEEP/NCE only see the two candidates with a head
     assert "| toy | LogME | 3 | 1.000 | 0.333 | 1.000 |" in text
     assert "| toy | LEEP | 2 | 1.000 |" in text and "| toy | NCE | 2 | 1.000 |" in text
