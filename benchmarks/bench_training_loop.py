@@ -17,11 +17,13 @@ One call is one "epoch" of ``--steps`` training steps, timed whole (data iterati
 
 Both loops use the optimizer ``configure_optimizers`` builds (AdamW, lr 1e-3, weight decay 0.01 in the
 layer groups, 0 in their ``/no_decay`` twins for norms and biases, the same groups), no LR scheduler.
-Printed: time per step of each arm (median, min-max) and paired-round ratios with their spread.
+Printed: time per step of each arm (median, min-max), paired-round ratios with their spread, and the peak
+resident memory of one full fine-tuning epoch of each arm, each in a fresh child process (high-water mark
+reset after building the model and data; ``--no-memory`` skips it).
 
 Usage::
 
-    python benchmarks/bench_training_loop.py [--steps 8] [--repeats 5] [--threads 1] [--batch-size 32]
+    python benchmarks/bench_training_loop.py [--steps 8] [--repeats 5] [--threads 1] [--no-memory]
 """
 
 from __future__ import annotations
@@ -133,6 +135,27 @@ def lightning_arm(
     return epoch
 
 
+def memory_arm(arm: str, steps: int, batch_size: int, image_size: int) -> Callable[[], None]:
+    """``harness.peak_rss_in_child`` target: build one full fine-tuning arm, return one epoch of it (the
+    part whose peak is read; the high-water mark is reset after this set-up)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    train = loader(steps * batch_size, batch_size, image_size, seed=0)
+    if arm == "plain":
+        return plain_arm(False, train)
+    folder = tempfile.TemporaryDirectory()
+    epoch = lightning_arm(
+        False, arm == "lightning+extras", train, loader(VAL_IMAGES, batch_size, image_size, 1), folder.name
+    )
+
+    def run() -> None:
+        try:
+            epoch()
+        finally:
+            folder.cleanup()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="training steps per call (one epoch)")
@@ -140,6 +163,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--no-memory", action="store_true", help="skip the child-process peak memory rows")
     args = parser.parse_args()
     title = (
         f"training loop: EfficientNet-Lite0, batch {args.batch_size}, {args.image_size} px, "
@@ -176,6 +200,12 @@ def main() -> None:
         rows.append(
             (f"{arm}: frozen / full step, CPU", harness.ratio(steps[f"{arm} frozen"], steps[f"{arm} full"]))
         )
+    if not args.no_memory:
+        for arm in ("plain", "lightning", "lightning+extras"):
+            peak = harness.peak_rss_in_child(
+                "__main__:memory_arm", arm, args.steps, args.batch_size, args.image_size
+            )
+            rows.append((f"{arm} full: peak RSS of one epoch (fresh child)", f"{peak / 2**20:.0f} MiB"))
     harness.report(title, rows)
 
 
