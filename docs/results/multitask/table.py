@@ -46,6 +46,10 @@ def main() -> None:
         for arm in ARMS:
             runs = _runs(arm)
             values = [m["test"][key] for m in runs.values()]
+            if not values:
+                cells.append("- (not run)")
+                arms[arm] = {}
+                continue
             arms[arm] = dict(zip(runs, values, strict=True))
             mean, std, se = _cell(values)
             tolerance = math.sqrt(se**2 + base[2] ** 2)
@@ -57,8 +61,8 @@ def main() -> None:
         paired = [
             100 * (arms["pcgrad"][s] - arms["multitask"][s]) for s in arms["pcgrad"] if s in arms["multitask"]
         ]
-        diff = _cell([d / 100 for d in paired])
-        cells.append(f"{diff[0]:+.1f} +- {diff[1]:.1f} (paired by seed)")
+        diff = _cell([d / 100 for d in paired]) if paired else None
+        cells.append(f"{diff[0]:+.1f} +- {diff[1]:.1f} (paired by seed)" if diff else "-")
         print(f"| {task} | " + " | ".join(cells) + " |")
     print()
     print("| arm | runs | wall time per run (s), mean | optimizer steps |")
