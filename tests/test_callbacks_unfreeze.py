@@ -285,3 +285,12 @@ def test_reachable_milestones_do_not_warn(tmp_path, recwarn):
     make_trainer(tmp_path, 2, [GradualUnfreeze(milestones=[1])]).fit(TinyModel(), dataloader())
     make_trainer(tmp_path, 2, [GradualUnfreeze(milestones=[7], unit="step")]).fit(TinyModel(), dataloader())
     assert not [w for w in recwarn if "never reached" in str(w.message)]
+
+
+def test_epoch_milestones_under_a_step_only_budget(tmp_path):
+    # max_epochs=-1: Lightning loads no data before fit, so the epoch length is unknown at fit start
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, -1, [GradualUnfreeze(milestones=[1]), recorder], max_steps=10)
+    trainer.fit(TinyModel(), dataloader())
+    assert trainer.global_step == 10
+    assert [layer(2) <= trainable for trainable in recorder.trainable] == [False] * 4 + [True] * 6

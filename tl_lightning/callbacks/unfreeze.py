@@ -245,6 +245,9 @@ class GradualUnfreeze(Callback):
         if self.unit == "step":
             return [m for m in self.milestones if m >= total_steps]
         max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
+        if math.isinf(trainer.num_training_batches):
+            # epoch length unknown here (a step-only budget loads no data before fit; iterable datasets)
+            return [m for m in self.milestones if m >= max_epochs]
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         return [m for m in self.milestones if m >= max_epochs or m * per_epoch >= total_steps]
 
