@@ -296,13 +296,18 @@ def _versus_scratch(cells: dict[tuple[str, str], Cell], metric: str, worse: bool
     return flags
 
 
-def sweep_commands(runs: Sequence[Run]) -> list[str]:
-    """One :func:`sweep_command` per ``train.py -m`` call, in job order: runs that share their Hydra
-    overrides (``hydra.sweep.subdir=...`` and the like) came from one call, which sets them first."""
+def sweep_calls(runs: Sequence[Run]) -> list[list[Run]]:
+    """The runs of each ``train.py -m`` call, in job order: runs that share their Hydra overrides
+    (``hydra.sweep.subdir=...`` and the like) came from one call, which sets them first."""
     calls: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         calls.setdefault(run.hydra_overrides, []).append(run)
-    commands = [sweep_command(group) for group in calls.values()]
+    return list(calls.values())
+
+
+def sweep_commands(runs: Sequence[Run]) -> list[str]:
+    """One :func:`sweep_command` per ``train.py -m`` call (:func:`sweep_calls`), in job order."""
+    commands = [sweep_command(group) for group in sweep_calls(runs)]
     return [command for command in commands if command]
 
 
@@ -508,6 +513,24 @@ def _wall_time_lines(runs: Sequence[Run]) -> list[str]:
     lines += ["", "| strategy | runs | mean per run | total |", "|---|---|---|---|"]
     for strategy, (n, total) in timing.per_strategy.items():
         lines.append(f"| {strategy} | {n} | {format_duration(total / n)} | {format_duration(total)} |")
+    calls = sweep_calls(runs)
+    if len(calls) < 2:
+        return lines
+    lines += [
+        "",
+        "Per sweep (one `train.py -m` call each, numbered in the order of the commands above):",
+        "",
+        "| sweep | runs | summed | first start to last end |",
+        "|---|---|---|---|",
+    ]
+    for number, call in enumerate(calls, start=1):
+        sweep = wall_time(call)
+        if sweep is None:
+            lines.append(f"| {number} | {len(call)} | unknown | unknown |")
+        else:
+            timed = len(call) - sweep.missing
+            total, span = format_duration(sweep.total_s), format_duration(sweep.span_s)
+            lines.append(f"| {number} | {timed} | {total} | {span} |")
     return lines
 
 

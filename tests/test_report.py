@@ -268,10 +268,12 @@ def test_sweeps_written_into_one_directory_get_one_command_each(tmp_path):
         "a": [("scratch", 5, 0), ("scratch", 5, 1)],
         "b": [("linear_probe", 5, 0), ("linear_probe", 10, 0)],
     }
+    written = {0: 1_000_100.0, 1: 1_000_200.0, 2: 1_000_500.0, 3: 1_000_520.0}  # metrics.json times
     num = 0
     for suffix, runs in calls.items():
         for strategy, per_class, seed in runs:
             run = _write_run(tmp_path, num, strategy, per_class, seed, 0.5, drift=False)
+            os.utime(run / "metrics.json", (written[num], written[num]))
             hydra_overrides = [f"hydra.sweep.subdir=${{hydra.job.num}}_{suffix}", "hydra.mode=MULTIRUN"]
             (run / ".hydra" / "hydra.yaml").write_text(
                 "hydra:\n  overrides:\n    hydra:\n" + "".join(f"    - {o}\n" for o in hydra_overrides)
@@ -286,8 +288,12 @@ def test_sweeps_written_into_one_directory_get_one_command_each(tmp_path):
         "data.train_per_class=5,10 seed=0 trainer.max_epochs=3",
     ]
     assert report.main([str(tmp_path)]) == 0
-    section = _section((tmp_path / "report.md").read_text(encoding="utf-8"), "Commands")
-    assert section.count("python train.py -m") == 2
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert _section(markdown, "Commands").count("python train.py -m") == 2
+    # each call gets its own wall time: 2 runs of 12.3 s each; call a spans 1_000_100 - 12.3 to 1_000_200
+    per_sweep = _section(markdown, "Wall time").split("Per sweep", 1)[1]
+    rows = [line for line in per_sweep.splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    assert rows == ["| 1 | 2 | 24.6 s | 1 min 52 s |", "| 2 | 2 | 24.6 s | 32.3 s |"]
 
 
 def test_transfer_that_beats_scratch_beyond_the_seed_noise_is_listed_per_size(sweep):
