@@ -7,6 +7,9 @@ A shared 2-core machine makes one-shot timings meaningless: another busy process
 * a comparison is a :class:`Ratio` of the paired rounds (round i of A over round i of B), printed as the
   median with the min-max of those per-round ratios, so load drifts that hit both arms cancel;
 * thread counts are fixed (:func:`fix_threads`) and printed with the load average in every table;
+* glibc's malloc keeps freed memory (:func:`fix_allocator`): by default it hands large blocks back to the
+  OS and page-faults them in again, a kernel (system) time that depended on the process's allocation
+  history and moved one arm's time 10-50% between two ``make bench`` runs while its user time held;
 * peak memory of an arm is read in a fresh child process (:func:`peak_rss_in_child`), so arms never share
   a high-water mark;
 * :func:`report` prints a table and, under ``make bench``, appends its rows to the run's JSON-lines file
@@ -29,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib
 import importlib.util
@@ -80,17 +84,51 @@ def fix_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+MMAP_THRESHOLD = 32 * 2**20
+"""Blocks below this come from the heap (glibc's largest value; larger blocks are always mapped anew)."""
+TRIM_THRESHOLD = 2**31 - 1
+"""Free memory at the top of the heap is handed back to the OS only beyond this (the largest int)."""
+_ALLOCATOR_OPTIONS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+_allocator = "default"
+
+
+def fix_allocator() -> bool:
+    """Make glibc's malloc keep freed memory, so that a call does not pay for page faults of the last one.
+
+    glibc maps large blocks with ``mmap`` and trims the heap once its free top grows past a threshold it
+    moves with the process's allocation history; memory handed back is zero-filled by page faults on next
+    use. That kernel time is part of the process CPU time and is not repeatable: between two runs it moved
+    one benchmark arm's time by 10-50% while its user time held. Fixing both thresholds
+    (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`) keeps blocks below 32 MiB in the heap and the heap
+    resident, like the caching allocators of a GPU. Larger blocks still fault in on every call.
+
+    Returns:
+        Whether the thresholds were set (``False`` where the C library is not glibc).
+    """
+    global _allocator
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    fixed = all(mallopt(option, value) for option, value in _ALLOCATOR_OPTIONS)
+    _allocator = "glibc malloc keeps freed memory" if fixed else "default"
+    return fixed
+
+
 def machine() -> str:
-    """One line with what decides a timing: threads, load average, CPUs, torch version (when loaded)."""
+    """One line with what decides a timing: threads, allocator, load average, CPUs, torch version."""
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     torch = sys.modules.get("torch")
     version = f", torch {torch.__version__}" if torch else ""
-    return f"{_threads()} torch threads, load average {load} on {os.cpu_count()} CPUs{version}"
+    cpus = os.cpu_count()
+    return f"{_threads()} torch threads, allocator {_allocator}, load average {load} on {cpus} CPUs{version}"
 
 
 def begin(title: str, threads: int) -> None:
-    """Fix the thread count and print the title with :func:`machine` (call at the start of a benchmark)."""
+    """Fix the thread count and the allocator, print the title with :func:`machine` (call first)."""
     fix_threads(threads)
+    fix_allocator()
     print(f"{title}\n{machine()}", flush=True)
 
 
