@@ -84,27 +84,28 @@ def fix_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+MMAP_THRESHOLD = 32 * 2**20
+"""Blocks below this come from the heap (glibc's largest value; larger blocks are always mapped anew)."""
 TRIM_THRESHOLD = 2**31 - 1
 """Free memory at the top of the heap is handed back to the OS only beyond this (the largest C int)."""
-_ALLOCATOR_OPTIONS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+_ALLOCATOR_OPTIONS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 _allocator = "default"
 
 
 def fix_allocator() -> bool:
     """Make glibc's malloc keep freed memory, so that a call does not pay for page faults of the last one.
 
-    glibc maps large blocks with ``mmap`` (and unmaps them when freed) and trims the heap once its free
-    top grows past a threshold it moves with the process's allocation history; memory handed back is
-    zero-filled by page faults on next use. That kernel time is part of the process CPU time and is not
-    repeatable: an uncached training epoch of ``bench_feature_cache`` had 0.39 s of it in one process and
-    0.83 s in the next, same user time, and a batched forward+backward of Lite0 over 256 samples spent
-    1.79 s of its 4.1 s in the kernel. Allowing no ``mmap`` at all (``M_MMAP_MAX`` 0) and trimming only
-    beyond :data:`TRIM_THRESHOLD` keeps every block in a heap that stays resident, like the caching
-    allocators of a GPU.
+    glibc maps large blocks with ``mmap`` and trims the heap once its free top grows past a threshold it
+    moves with the process's allocation history; memory handed back is zero-filled by page faults on next
+    use. That kernel time is part of the process CPU time and is not repeatable: an uncached training epoch
+    of ``bench_feature_cache`` had 0.39 s of it in one process and 0.83 s in the next, same user time.
+    Fixing both thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`) keeps blocks below 32 MiB in
+    the heap and the heap resident, like the caching allocators of a GPU. Larger blocks still fault in
+    on every call.
 
     Returns:
-        Whether the options were set (``False`` where the C library is not glibc).
+        Whether the thresholds were set (``False`` where the C library is not glibc).
     """
     global _allocator
     try:
