@@ -24,8 +24,12 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 # every benchmarks/bench_*.py (or the scripts in ARGS), then one table of ratios; rows in outputs/bench/
-bench: $(STAMP)
+bench: $(VENV)/.installed-bench
 	$(VENV)/bin/python benchmarks/summary.py $(ARGS)
+
+$(VENV)/.installed-bench: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[bench]"
+	touch $@
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tl_lightning tests scripts benchmarks train.py

@@ -176,6 +176,62 @@ def test_fix_allocator_stops_page_faults_of_memory_freed_by_the_last_call():
     assert faults("fixed") < 1_000
 
 
+FAULTS_OF_LARGE_BLOCKS = """
+import importlib.util, resource, sys, time
+spec = importlib.util.spec_from_file_location("harness", sys.argv[1])
+harness = sys.modules["harness"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(harness)
+if sys.argv[2] == "begin":
+    harness.begin("test", threads=1)  # restarts this script under mimalloc
+else:
+    harness.fix_allocator()
+print(harness.machine())
+
+def one_round():  # every page written, then freed: two blocks above glibc's largest mmap threshold (96 MiB)
+    blocks = [bytearray(size * 2**20) for size in [96, 96] + [1] * 32]  # and 32 that mimalloc purges (1 MiB)
+    for block in blocks:
+        block[::4096] = bytes(len(range(0, len(block), 4096)))
+    del blocks
+    time.sleep(0.1)  # longer than mimalloc's default delay before it hands freed memory back (10 ms)
+
+one_round()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    one_round()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(harness.mimalloc_library() is None, reason="cmeel-mimalloc (the bench-allocator extra)")
+def test_begin_restarts_the_script_under_mimalloc_that_keeps_blocks_glibc_maps_anew():
+    def run(mode: str) -> tuple[str, int]:
+        script = [sys.executable, "-c", FAULTS_OF_LARGE_BLOCKS, str(ROOT / "benchmarks" / "harness.py"), mode]
+        *lines, faults = subprocess.run(script, capture_output=True, text=True, check=True).stdout.split(
+            "\n"
+        )[:-1]
+        return lines[-1], int(faults)
+
+    # 3 rounds x 224 MiB = 172,032 pages of 4 KiB: glibc unmaps the large blocks on free, even when fixed
+    machine, faults = run("fix_allocator")
+    assert "glibc malloc keeps freed memory" in machine and faults > 100_000
+    # mimalloc at its default purge delay faults ~4,600 pages of the small blocks in again; never purging: ~3
+    machine, faults = run("begin")
+    assert "mimalloc keeps freed memory" in machine and faults < 500
+
+
+def test_children_get_the_default_allocator_back(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libfoo.so /x/cmeel.prefix/lib/libmimalloc.so")
+    monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "-1")
+    monkeypatch.setenv("TL_BENCH_RESTARTED_UNDER_MIMALLOC", "1")
+    environment = harness.default_allocator_environment()
+    assert environment["LD_PRELOAD"] == "/opt/libfoo.so"
+    assert (
+        "MIMALLOC_PURGE_DELAY" not in environment and "TL_BENCH_RESTARTED_UNDER_MIMALLOC" not in environment
+    )
+    monkeypatch.setenv("LD_PRELOAD", "/x/cmeel.prefix/lib/libmimalloc.so")
+    assert "LD_PRELOAD" not in harness.default_allocator_environment()
+
+
 def test_report_appends_rows_to_the_summary(tmp_path, monkeypatch, capsys):
     summary = tmp_path / "rows.jsonl"
     monkeypatch.setenv(harness.SUMMARY_ENV, str(summary))
