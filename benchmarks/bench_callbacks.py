@@ -5,9 +5,11 @@ its warm-up lasts the whole run, so its step hooks fire every step); the only di
 callbacks. One call is a ``trainer.fit`` of ``--steps`` steps; ``harness.interleave`` alternates the arms
 (A B A B ...) after a warm-up round, and the ratio of the paired rounds is printed with its spread, in
 process CPU time and wall time. The callbacks' own hook time (CPU of the calling thread) is summed per
-call and printed per step.
+call and printed per step. That is ~50 us of Python per step, which moves ~15% with where a process's
+code lands in memory, so the rounds are run in ``--processes`` fresh processes
+(``harness.interleave_in_processes``) and pooled.
 
-    python benchmarks/bench_callbacks.py [--steps 60] [--repeats 5] [--threads 1]
+    python benchmarks/bench_callbacks.py [--steps 60] [--repeats 3] [--processes 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -112,36 +114,45 @@ def fit_arm(
     return call
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    title = (
-        f"callbacks: small convnet, 32 px, batch 32, {args.steps} steps per call, "
-        f"{args.repeats} rounds + {WARMUP} warm-up"
-    )
-    harness.begin(title, args.threads)
+def rounds(steps: int, repeats: int) -> dict[str, harness.Timing]:
+    """One process's share (``harness.interleave_in_processes`` target): both arms interleaved, per step,
+    and the callbacks' hook CPU per step as the arm ``hooks``."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g))
     loader = DataLoader(data, batch_size=32)
     hook_seconds: list[float] = []
     arms = {
-        "plain": fit_arm(lambda: [], args.steps, loader, []),
+        "plain": fit_arm(lambda: [], steps, loader, []),
         "unfreeze+layerwise": fit_arm(
             lambda: [GradualUnfreeze(milestones=[0], warmup_steps=10**6), LayerwiseLR(decay=0.8)],
-            args.steps,
+            steps,
             loader,
             hook_seconds,
         ),
     }
-    measured = harness.interleave(arms, repeats=args.repeats, warmup=WARMUP)
-    timings = {name: timing.per(args.steps) for name, timing in measured.items()}
+    timings = {
+        name: t.per(steps) for name, t in harness.interleave(arms, repeats=repeats, warmup=WARMUP).items()
+    }
+    per_step = [seconds / steps for seconds in hook_seconds[WARMUP:]]
+    return timings | {"hooks": harness.Timing(wall=per_step, cpu=per_step)}  # thread CPU; no wall clock
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3, help="kept rounds per process")
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    title = (
+        f"callbacks: small convnet, 32 px, batch 32, {args.steps} steps per call, "
+        f"{args.repeats} rounds + {WARMUP} warm-up in each of {args.processes} processes"
+    )
+    harness.begin(title, args.threads)
+    timings = harness.interleave_in_processes("__main__:rounds", args.processes, args.steps, args.repeats)
+    hooks = timings.pop("hooks")
     plain, ours = timings["plain"], timings["unfreeze+layerwise"]
-    per_step = [seconds / args.steps for seconds in hook_seconds[WARMUP:]]
-    hooks = harness.Timing(wall=per_step, cpu=per_step)  # thread CPU time; no separate wall clock
     rows = [(f"{name}: CPU per step", t.describe()) for name, t in timings.items()]
     rows += [
         ("GradualUnfreeze+LayerwiseLR / no callbacks, CPU", harness.ratio(ours, plain)),

@@ -352,17 +352,56 @@ def peak_rss_in_child(target: str, *args: Any) -> int:
     Raises:
         RuntimeError: if the child exits with an error (its traceback is on stderr).
     """
+    return _in_child("peak", target, args, default_allocator_environment())["peak"]
+
+
+def interleave_in_processes(target: str, processes: int, *args: Any) -> dict[str, Timing]:
+    """Run ``target(*args)``, which returns name -> :class:`Timing`, in fresh processes; join their rounds.
+
+    Where code and data land in memory differs from one process to the next (address-space randomisation),
+    and a measurement of microseconds of Python moves with it: the per-step hook time of
+    ``bench_callbacks`` had medians from 46 to 55 us in six processes. ``pyperf`` runs its worker
+    processes for the same reason. The processes run one after another, with this process's
+    allocator and thread count; rounds stay paired inside their process, so :func:`ratio` still pairs
+    round i of one arm with round i of another.
+
+    Args:
+        target: as for :func:`peak_rss_in_child`; typically a function that calls :func:`interleave`.
+        processes: how many fresh processes, >= 1.
+        args: JSON-serialisable positional arguments.
+
+    Returns:
+        name -> :class:`Timing` with the rounds of every process, process by process.
+
+    Raises:
+        ValueError: if ``processes`` < 1.
+        RuntimeError: if a child exits with an error.
+    """
+    if processes < 1:
+        raise ValueError(f"interleave_in_processes needs processes >= 1, got {processes}")
+    joined: dict[str, Timing] = {}
+    for _ in range(processes):
+        for name, rounds in _in_child("timings", target, args, dict(os.environ)).items():
+            timing = joined.setdefault(name, Timing())
+            timing.wall += rounds["wall"]
+            timing.cpu += rounds["cpu"]
+    return joined
+
+
+def _in_child(measure: str, target: str, args: tuple[Any, ...], environment: dict[str, str]) -> Any:
+    """Run ``target`` in a fresh interpreter (:func:`_child`); return what it measured, read back as JSON."""
     module, _, function = target.partition(":")
     if module == "__main__":
         module = os.path.abspath(sys.modules["__main__"].__file__)
     with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "peak.json"
+        out = Path(folder) / f"{measure}.json"
         command = [sys.executable, os.path.abspath(__file__), "--child", f"{module}:{function}"]
-        command += ["--threads", str(_threads()), "--args", json.dumps(args), "--out", str(out)]
-        code = subprocess.run(command, env=default_allocator_environment(), check=False).returncode
+        command += ["--measure", measure, "--threads", str(_threads()), "--args", json.dumps(args)]
+        code = subprocess.run([*command, "--out", str(out)], env=environment, check=False).returncode
         if code != 0:
-            raise RuntimeError(f"peak_rss_in_child({target!r}, ...) failed: the child exited with {code}")
-        return json.loads(out.read_text())["peak"]
+            caller = "peak_rss_in_child" if measure == "peak" else "interleave_in_processes"
+            raise RuntimeError(f"{caller}({target!r}, ...) failed: the child exited with {code}")
+        return json.loads(out.read_text())
 
 
 def _threads() -> int:
@@ -393,19 +432,22 @@ def _high_water_mark() -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
-def _child(target: str, threads: int, args: list[Any], out: Path) -> None:
+def _child(measure: str, target: str, threads: int, args: list[Any], out: Path) -> None:
     # the harness itself imports no torch here, so a torch-free target measures only itself
     for variable in _THREAD_VARIABLES:
         os.environ[variable] = str(threads)
-    set_up = _resolve(target)
+    function = _resolve(target)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
-    arm = set_up(*args)
-    if callable(arm):
+    result = function(*args)
+    if measure == "timings":
+        out.write_text(json.dumps({name: {"wall": t.wall, "cpu": t.cpu} for name, t in result.items()}))
+        return
+    if callable(result):
         clear_refs = Path("/proc/self/clear_refs")
         if clear_refs.exists():
             clear_refs.write_text("5")  # high-water mark := current RSS
-        arm()
+        result()
     out.write_text(json.dumps({"peak": _high_water_mark()}))
 
 
@@ -447,10 +489,11 @@ def skip(title: str, reason: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="child process of peak_rss_in_child (internal)")
+    parser = argparse.ArgumentParser(description="child of peak_rss_in_child / interleave_in_processes")
     parser.add_argument("--child", required=True)
+    parser.add_argument("--measure", choices=("peak", "timings"), required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--args", required=True)
     parser.add_argument("--out", type=Path, required=True)
     options = parser.parse_args()
-    _child(options.child, options.threads, json.loads(options.args), options.out)
+    _child(options.measure, options.child, options.threads, json.loads(options.args), options.out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -140,6 +141,33 @@ def test_peak_rss_in_child_sees_what_the_child_allocated():
 def test_peak_rss_in_child_names_a_failing_target():
     with pytest.raises(RuntimeError, match="'no_such_module_xyz:f'.*exited with 1"):
         harness.peak_rss_in_child("no_such_module_xyz:f")
+
+
+ROUNDS_OF_THIS_PROCESS = """
+import os
+import harness
+
+def rounds(n):  # the process id as wall time: shows which process measured which round
+    pid = float(os.getpid())
+    purge = float(os.environ["MIMALLOC_PURGE_DELAY"])
+    rounds = harness.Timing(wall=[pid] * n, cpu=[float(i) for i in range(n)])
+    return {"a": rounds, "env": harness.Timing(wall=[purge], cpu=[0.0])}
+"""
+
+
+def test_interleave_in_processes_joins_the_rounds_of_fresh_processes(tmp_path, monkeypatch):
+    target = tmp_path / "rounds_target.py"
+    target.write_text(ROUNDS_OF_THIS_PROCESS)
+    monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "-1")  # timing children keep the caller's allocator settings
+    joined = harness.interleave_in_processes(f"{target}:rounds", 3, 2)
+    pids = joined["a"].wall
+    assert len(pids) == 6 and pids[0::2] == pids[1::2] and len(set(pids)) == 3
+    assert os.getpid() not in pids and joined["a"].cpu == [0.0, 1.0] * 3
+    assert joined["env"].wall == [-1.0] * 3
+    with pytest.raises(ValueError, match="processes >= 1"):
+        harness.interleave_in_processes(f"{target}:rounds", 0, 2)
+    with pytest.raises(RuntimeError, match="interleave_in_processes.*exited with 1"):
+        harness.interleave_in_processes(f"{target}:no_such_function", 1, 2)
 
 
 PAGE_FAULTS_PER_ROUND = """
