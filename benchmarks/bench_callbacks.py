@@ -5,9 +5,9 @@ its warm-up lasts the whole run, so its step hooks fire every step); the only di
 callbacks. One call is a ``trainer.fit`` of ``--steps`` steps; ``harness.interleave`` alternates the arms
 (A B A B ...) after a warm-up round, and the ratio of the paired rounds is printed with its spread, in
 process CPU time and wall time. The callbacks' own hook time (CPU of the calling thread) is summed per
-call and printed per step. That is ~50 us of Python per step, which moves ~15% with where a process's
-code lands in memory, so the rounds are run in ``--processes`` fresh processes
-(``harness.interleave_in_processes``) and pooled.
+call and printed per step. That is ~50 us of Python per step, whose median moved 10-18% from one process
+to the next, so the rounds are run in ``--processes`` fresh processes (``harness.interleave_in_processes``)
+and pooled.
 
     python benchmarks/bench_callbacks.py [--steps 60] [--repeats 3] [--processes 3] [--threads 1]
 """

@@ -264,7 +264,9 @@ def interleave(
 ) -> dict[str, Timing]:
     """Call the arms in turn, ``warmup + repeats`` rounds of A B C ..., and time the kept rounds.
 
-    Garbage is collected before every call, outside the timed window, so no arm pays for another's.
+    Garbage is collected before every call, outside the timed window, so no arm pays for another's, and
+    automatic collection is off during the call, as in ``timeit``: a collection runs when some allocation
+    crosses the threshold, so it would land in whichever arm or hook happens to make it.
 
     Args:
         arms: name -> zero-argument callable; one call is one measurement.
@@ -287,9 +289,15 @@ def interleave(
     for round_ in range(warmup + repeats):
         for name, call in arms.items():
             gc.collect()
-            wall, cpu = clock()
-            call()
-            wall_end, cpu_end = clock()
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                wall, cpu = clock()
+                call()
+                wall_end, cpu_end = clock()
+            finally:
+                if collecting:
+                    gc.enable()
             if round_ >= warmup:
                 timings[name].wall.append(wall_end - wall)
                 timings[name].cpu.append(cpu_end - cpu)
@@ -358,8 +366,8 @@ def peak_rss_in_child(target: str, *args: Any) -> int:
 def interleave_in_processes(target: str, processes: int, *args: Any) -> dict[str, Timing]:
     """Run ``target(*args)``, which returns name -> :class:`Timing`, in fresh processes; join their rounds.
 
-    Where code and data land in memory differs from one process to the next (address-space randomisation),
-    and a measurement of microseconds of Python moves with it: the per-step hook time of
+    A measurement of microseconds of Python moves from one process to the next (where code and data land
+    in memory differs, address-space randomisation among it): the per-step hook time of
     ``bench_callbacks`` had medians from 46 to 55 us in six processes. ``pyperf`` runs its worker
     processes for the same reason. The processes run one after another, with this process's
     allocator and thread count; rounds stay paired inside their process, so :func:`ratio` still pairs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -77,6 +78,26 @@ def test_interleave_without_warmup_keeps_every_call():
     clock = FakeClock()
     timings = harness.interleave({"a": lambda: clock.spend(1.0, 1.0)}, repeats=2, warmup=0, clock=clock)
     assert timings["a"].cpu == [1.0, 1.0]
+
+
+def test_interleave_turns_automatic_garbage_collection_off_during_a_call_only():
+    seen = []
+
+    def fails_after_a_look() -> None:
+        seen.append(gc.isenabled())
+        raise RuntimeError("arm failed")
+
+    assert gc.isenabled()
+    harness.interleave({"a": lambda: seen.append(gc.isenabled())}, repeats=2, warmup=1)
+    with pytest.raises(RuntimeError, match="arm failed"):
+        harness.interleave({"b": fails_after_a_look})
+    assert seen == [False] * 4 and gc.isenabled()
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        harness.interleave({"a": lambda: None}, repeats=1, warmup=0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_ratio_spread_comes_from_paired_rounds():
