@@ -11,8 +11,8 @@ A shared 2-core machine makes one-shot timings meaningless: another busy process
   page-faults them in again, a kernel (system) time that depends on the process's allocation history (one
   training epoch: 282k page faults in one process, 624k in the next, same user time). :func:`begin`
   re-runs the script under mimalloc told never to hand memory back (:func:`use_caching_allocator`, the
-  ``cmeel-mimalloc`` wheel of the ``bench`` extra), like the caching allocator of a GPU; without it glibc's
-  thresholds are fixed (:func:`fix_allocator`), which keeps blocks below 32 MiB only;
+  ``cmeel-mimalloc`` wheel of the ``bench-allocator`` extra), like a GPU's caching allocator; without it
+  glibc's thresholds are fixed (:func:`fix_allocator`), which keeps blocks below 32 MiB only;
 * peak memory of an arm is read in a fresh child process (:func:`peak_rss_in_child`), so arms never share
   a high-water mark;
 * :func:`report` prints a table and, under ``make bench``, appends its rows to the run's JSON-lines file
@@ -127,7 +127,7 @@ _RESTARTED = "TL_BENCH_RESTARTED_UNDER_MIMALLOC"
 
 
 def mimalloc_library() -> Path | None:
-    """``libmimalloc.so`` of the ``cmeel-mimalloc`` wheel (the ``bench`` extra); ``None`` without it."""
+    """``libmimalloc.so`` of the ``cmeel-mimalloc`` wheel (``bench-allocator`` extra); ``None`` without it."""
     try:
         library = Path(importlib.metadata.distribution("cmeel-mimalloc").locate_file("cmeel.prefix/lib"))
     except importlib.metadata.PackageNotFoundError:
@@ -366,10 +366,10 @@ def peak_rss_in_child(target: str, *args: Any) -> int:
 def interleave_in_processes(target: str, processes: int, *args: Any) -> dict[str, Timing]:
     """Run ``target(*args)``, which returns name -> :class:`Timing`, in fresh processes; join their rounds.
 
-    A measurement of microseconds of Python moves from one process to the next (where code and data land
-    in memory differs, address-space randomisation among it): the per-step hook time of
-    ``bench_callbacks`` had medians from 46 to 55 us in six processes. ``pyperf`` runs its worker
-    processes for the same reason. The processes run one after another, with this process's
+    A measurement of microseconds of Python moves from one process to the next: the per-step hook time
+    of ``bench_callbacks`` had medians from 46 to 55 us in six processes (not the CPU a process ran on,
+    not the hash seed; where code and data land in memory is the usual suspect, and the reason ``pyperf``
+    runs worker processes). The processes run one after another, with this process's
     allocator and thread count; rounds stay paired inside their process, so :func:`ratio` still pairs
     round i of one arm with round i of another.
 
