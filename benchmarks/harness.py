@@ -199,6 +199,13 @@ def begin(title: str, threads: int) -> None:
     print(f"{title}\n{machine()}", flush=True)
 
 
+def _keep_freed_memory() -> None:
+    """In a child of :func:`interleave_in_processes`: mimalloc comes with the caller's ``LD_PRELOAD``, but
+    glibc's thresholds are per process, so they are fixed again here when mimalloc is not loaded."""
+    if not _mimalloc_loaded():
+        fix_allocator()
+
+
 @dataclass
 class Timing:
     """Seconds per call of one arm, one entry per kept round.
@@ -444,6 +451,8 @@ def _child(measure: str, target: str, threads: int, args: list[Any], out: Path) 
     # the harness itself imports no torch here, so a torch-free target measures only itself
     for variable in _THREAD_VARIABLES:
         os.environ[variable] = str(threads)
+    if measure == "timings":
+        _keep_freed_memory()
     function = _resolve(target)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
