@@ -194,19 +194,24 @@ def test_interleave_in_processes_joins_the_rounds_of_fresh_processes(tmp_path, m
         harness.interleave_in_processes(f"{target}:no_such_function", 1, 2)
 
 
-PAGE_FAULTS_PER_ROUND = """
-import importlib.util, resource, sys
+FAULTS_PER_ROUND = """
+import importlib.util, resource, sys, time
 spec = importlib.util.spec_from_file_location("harness", sys.argv[1])
 harness = sys.modules["harness"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(harness)
-if sys.argv[2] == "fixed":
-    assert harness.fix_allocator() and "keeps freed memory" in harness.machine()
+if sys.argv[2] == "begin":
+    harness.begin("test", threads=1)  # restarts this script under mimalloc
+elif sys.argv[2] == "fixed":
+    assert harness.fix_allocator()
+print(harness.machine())
+sizes = [int(size) for size in sys.argv[3].split(",")]
 
-def one_round():  # four 30 MiB blocks, every page written, then freed: 120 MiB of free heap top
-    blocks = [bytearray(30 * 2**20) for _ in range(4)]
+def one_round():  # blocks of the given MiB, every page written, then freed
+    blocks = [bytearray(size * 2**20) for size in sizes]
     for block in blocks:
         block[::4096] = bytes(len(range(0, len(block), 4096)))
     del blocks
+    time.sleep(0.1)  # longer than mimalloc's default delay before it hands freed memory back (10 ms)
 
 for _ in range(2):  # warm-up: glibc raises its mmap threshold after the first frees
     one_round()
@@ -217,57 +222,35 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def faults_per_three_rounds(mode: str, sizes_mib: list[int]) -> tuple[str, int]:
+    """Run ``FAULTS_PER_ROUND`` in a fresh interpreter (mode ``default``, ``fixed`` or ``begin``); return its
+    machine line and the minor page faults of three rounds after warm-up."""
+    sizes = ",".join(map(str, sizes_mib))
+    command = [sys.executable, "-c", FAULTS_PER_ROUND, str(ROOT / "benchmarks" / "harness.py"), mode, sizes]
+    *_, machine, faults = subprocess.run(
+        command, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    return machine, int(faults)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_fix_allocator_stops_page_faults_of_memory_freed_by_the_last_call():
-    def faults(mode: str) -> int:
-        command = [sys.executable, "-c", PAGE_FAULTS_PER_ROUND, str(ROOT / "benchmarks" / "harness.py"), mode]
-        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-
-    # 3 rounds x 120 MiB = 92,160 pages of 4 KiB: by default the trimmed heap faults every page in again
-    assert faults("default") > 45_000
-    assert faults("fixed") < 1_000
-
-
-FAULTS_OF_LARGE_BLOCKS = """
-import importlib.util, resource, sys, time
-spec = importlib.util.spec_from_file_location("harness", sys.argv[1])
-harness = sys.modules["harness"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(harness)
-if sys.argv[2] == "begin":
-    harness.begin("test", threads=1)  # restarts this script under mimalloc
-else:
-    harness.fix_allocator()
-print(harness.machine())
-
-def one_round():  # every page written, then freed: two blocks above glibc's largest mmap threshold (96 MiB)
-    blocks = [bytearray(size * 2**20) for size in [96, 96] + [1] * 32]  # and 32 that mimalloc purges (1 MiB)
-    for block in blocks:
-        block[::4096] = bytes(len(range(0, len(block), 4096)))
-    del blocks
-    time.sleep(0.1)  # longer than mimalloc's default delay before it hands freed memory back (10 ms)
-
-one_round()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    one_round()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
+    # four 30 MiB blocks: 3 rounds x 120 MiB = 92,160 pages of 4 KiB; by default the trimmed heap faults
+    # every page in again
+    assert faults_per_three_rounds("default", [30] * 4)[1] > 45_000
+    machine, faults = faults_per_three_rounds("fixed", [30] * 4)
+    assert "keeps freed memory" in machine and faults < 1_000
 
 
 @pytest.mark.skipif(harness.mimalloc_library() is None, reason="cmeel-mimalloc (the bench-allocator extra)")
 def test_begin_restarts_the_script_under_mimalloc_that_keeps_blocks_glibc_maps_anew():
-    def run(mode: str) -> tuple[str, int]:
-        script = [sys.executable, "-c", FAULTS_OF_LARGE_BLOCKS, str(ROOT / "benchmarks" / "harness.py"), mode]
-        *lines, faults = subprocess.run(script, capture_output=True, text=True, check=True).stdout.split(
-            "\n"
-        )[:-1]
-        return lines[-1], int(faults)
-
-    # 3 rounds x 224 MiB = 172,032 pages of 4 KiB: glibc unmaps the large blocks on free, even when fixed
-    machine, faults = run("fix_allocator")
+    # two blocks above glibc's largest mmap threshold (96 MiB) and 32 that mimalloc purges by default
+    # (1 MiB): 3 rounds x 224 MiB = 172,032 pages of 4 KiB; glibc unmaps the large blocks on free, even fixed
+    blocks = [96, 96] + [1] * 32
+    machine, faults = faults_per_three_rounds("fixed", blocks)
     assert "glibc malloc keeps freed memory" in machine and faults > 100_000
     # mimalloc at its default purge delay faults ~4,600 pages of the small blocks in again; never purging: ~3
-    machine, faults = run("begin")
+    machine, faults = faults_per_three_rounds("begin", blocks)
     assert "mimalloc keeps freed memory" in machine and faults < 500
 
 
