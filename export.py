@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from tl_lightning.inference import export_checkpoint
+from tl_lightning.run.inference import export_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tl_lightning.inference import predict_to_file
+from tl_lightning.run.inference import predict_to_file
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

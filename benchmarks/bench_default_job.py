@@ -7,7 +7,7 @@ The phases add up to the child's wall time:
 
 * start-up: interpreter, imports, Hydra compose, config checks, data set-up, model build (until the
   callbacks are built), then the trainer and ``fit``'s own set-up; the imports alone (``import hydra,
-  tl_lightning.pipeline``, what ``train.py`` imports) are timed in a separate child, interleaved;
+  tl_lightning.run.pipeline``, what ``train.py`` imports) are timed in a separate child, interleaved;
 * sanity-check validation, training epochs (batches, data loading, step hooks), validation, checkpoint
   writing (best and last ``ModelCheckpoint``, through ``AtomicCheckpointIO``), the rest of ``fit``
   (epoch-end callbacks and logging), loading the best checkpoint for the test, the test loop, and the
@@ -182,7 +182,7 @@ def main() -> None:
     title = f"default job: python train.py {' '.join(args.train_args)}".rstrip()
     print(f"{title}\n{harness.machine()}", flush=True)
     runs: list[dict] = []
-    imports = [sys.executable, "-c", "import hydra, tl_lightning.pipeline"]
+    imports = [sys.executable, "-c", "import hydra, tl_lightning.run.pipeline"]
     arms = {
         "imports": lambda: subprocess.run(imports, cwd=ROOT, check=True),
         "job": lambda: run_job(args.train_args, runs),

@@ -27,9 +27,9 @@ import torch
 from tl_lightning.backbones import efficientnet_lite0
 from tl_lightning.callbacks import Freeze
 from tl_lightning.data import DigitsDataModule
-from tl_lightning.feature_cache import CachedFeatureDataModule
-from tl_lightning.heads import LinearHead
-from tl_lightning.module import TransferModule
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.run.feature_cache import CachedFeatureDataModule
 
 
 def trainer(epochs: int) -> pl.Trainer:

@@ -31,10 +31,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
+from tl_lightning.adapters.peft import keep_changed_only, lora
 from tl_lightning.backbones import efficientnet_lite0
-from tl_lightning.heads import LinearHead
-from tl_lightning.module import TransferModule
-from tl_lightning.peft_adapters import keep_changed_only, lora
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.transfer import TransferModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CLASSES = 10

@@ -45,10 +45,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tl_lightning.backbones import efficientnet_lite0
 from tl_lightning.callbacks import Freeze
-from tl_lightning.checkpointing import AtomicCheckpointIO
-from tl_lightning.heads import LinearHead
-from tl_lightning.module import TransferModule
-from tl_lightning.optim import named_param_groups
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.optim import named_param_groups
+from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.run.checkpointing import AtomicCheckpointIO
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CLASSES = 10

@@ -25,7 +25,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(ROOT / "conf")

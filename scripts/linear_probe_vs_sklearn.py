@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 
 from tl_lightning.callbacks.linear_probe import DEFAULT_L2_GRID, accuracy_and_loss, select_l2
-from tl_lightning.feature_cache import CachedFeatureDataModule
+from tl_lightning.run.feature_cache import CachedFeatureDataModule
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

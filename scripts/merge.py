@@ -29,8 +29,9 @@ import argparse
 import json
 from pathlib import Path
 
-from tl_lightning.checkpointing import AtomicCheckpointIO
-from tl_lightning.merging import BN_STATS_MODES, MAJORITY_SIGN_METHODS, METHODS, merge_checkpoints
+from tl_lightning.adapters.merging import BN_STATS_MODES, MAJORITY_SIGN_METHODS, METHODS
+from tl_lightning.run.checkpointing import AtomicCheckpointIO
+from tl_lightning.run.merge import merge_checkpoints
 
 
 def main(argv: list[str] | None = None) -> int:

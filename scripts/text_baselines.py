@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 
 from tl_lightning.backbones import hf_encoder
 from tl_lightning.data import RottenTomatoesDataModule
-from tl_lightning.feature_cache import extract_features
+from tl_lightning.run.feature_cache import extract_features
 
 C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 

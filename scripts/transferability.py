@@ -28,8 +28,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tl_lightning.feature_cache import extract_features
-from tl_lightning.transferability import leep, logme, nce
+from tl_lightning.analysis.transferability import leep, logme, nce
+from tl_lightning.run.feature_cache import extract_features
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COLUMNS = ("candidate", "feature dim", "train samples", "LogME", "LEEP", "NCE", "seconds")

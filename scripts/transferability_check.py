@@ -6,7 +6,7 @@ its backbone config (``.hydra/hydra.yaml``, ``runtime.choices.backbone``) and ``
 ``backbone.cut_at`` is set (``.hydra/config.yaml``), the names ``scripts/transferability.py`` uses. A
 candidate's accuracy is the mean of ``--metric`` over its runs' ``metrics.json``.
 
-Per dataset and score, :func:`tl_lightning.transferability.rank_agreement` compares the score with the
+Per dataset and score, :func:`tl_lightning.analysis.rank_agreement` compares the score with the
 fine-tuned accuracy over the candidates that have both (LEEP and NCE exist only for candidates that
 keep their source head). Written to ``--out``:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tl_lightning.transferability import RankAgreement, rank_agreement
+from tl_lightning.analysis.transferability import RankAgreement, rank_agreement
 
 SCORES = ("LogME", "LEEP", "NCE")
 

@@ -20,7 +20,7 @@ from gloo_launch import run_two_workers
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities import rank_zero_only
 
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 STEPS = 3

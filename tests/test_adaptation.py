@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tl_lightning.adaptation import dann_coefficient, gaussian_mmd, grad_reverse
+from tl_lightning.objectives.domain import dann_coefficient, gaussian_mmd, grad_reverse
 
 
 @pytest.mark.parametrize("coeff", [0.0, 0.3, 1.0, 2.5])

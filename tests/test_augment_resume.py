@@ -11,7 +11,7 @@ from resume_helpers import last_weights
 from tl_lightning.backbones import DataConfig
 from tl_lightning.data import ImageFolderDataModule
 from tl_lightning.data.base import EpochSeededDataset
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
 
 CFG = DataConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=(3, 16, 16))
 

@@ -5,8 +5,8 @@ from sklearn.datasets import load_sample_image
 from torch.nn import functional as F
 
 from tl_lightning.backbones import efficientnet_lite0, small_cnn, timm_backbone, torchvision_backbone
-from tl_lightning.heads import LinearHead
-from tl_lightning.module import TransferModule
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.transfer import TransferModule
 
 DAISY = 985  # ImageNet-1k class index
 

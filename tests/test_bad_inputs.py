@@ -22,8 +22,8 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from tl_lightning.pipeline import train
-from tl_lightning.run_lock import LOCK_NAME, RunDirectoryLocked
+from tl_lightning.run.lock import LOCK_NAME, RunDirectoryLocked
+from tl_lightning.run.pipeline import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

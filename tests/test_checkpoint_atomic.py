@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tl_lightning.checkpointing import TMP_SUFFIX, load_checkpoint
-from tl_lightning.run_lock import LOCK_NAME
+from tl_lightning.run.checkpointing import TMP_SUFFIX, load_checkpoint
+from tl_lightning.run.lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [

@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tl_lightning.checkpointing import AtomicCheckpointIO, load_checkpoint, remove_partial_checkpoints
-from tl_lightning.pipeline import train
+from tl_lightning.run.checkpointing import AtomicCheckpointIO, load_checkpoint, remove_partial_checkpoints
+from tl_lightning.run.pipeline import train
 
 
 def test_every_checkpoint_describes_its_run(make_cfg):

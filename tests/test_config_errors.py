@@ -4,7 +4,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
 
 
 @pytest.mark.parametrize(

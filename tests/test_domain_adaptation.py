@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tl_lightning.adaptation import dann_coefficient
-from tl_lightning.adaptation_module import DomainAdaptationModule
 from tl_lightning.backbones import small_cnn
 from tl_lightning.data import DigitsDataModule, DomainPairDataModule, MNIST5kDataModule
-from tl_lightning.heads import LinearHead
-from tl_lightning.pipeline import train
+from tl_lightning.modules.domain_adaptation import DomainAdaptationModule
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.objectives.domain import dann_coefficient
+from tl_lightning.run.pipeline import train
 
 CLASSES = [0, 1, 2]
 

@@ -13,10 +13,10 @@ from torch.utils.data import TensorDataset
 from tl_lightning.backbones import small_cnn, timm_backbone
 from tl_lightning.callbacks import Freeze, GradualUnfreeze, LayerwiseLR
 from tl_lightning.data import DigitsDataModule
-from tl_lightning.feature_cache import cache_applies, cache_key, extract_features
-from tl_lightning.heads import LinearHead
-from tl_lightning.module import TransferModule
-from tl_lightning.pipeline import train
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.run.feature_cache import cache_applies, cache_key, extract_features
+from tl_lightning.run.pipeline import train
 
 LONGER = [
     "++trainer.limit_train_batches=12",
@@ -190,7 +190,7 @@ import sys, tempfile
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tl_lightning.feature_cache import extract_features
+from tl_lightning.run.feature_cache import extract_features
 
 class Images(Dataset):  # generated on demand: only what the extraction holds is in memory
     def __len__(self):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tl_lightning.callbacks import ConvergedLinearProbe, Freeze
 from tl_lightning.callbacks.linear_probe import accuracy_and_loss, fit_logistic, probe_objective
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
 
 GRID = [1e-5, 1e-4, 1e-3, 1e-2]
 

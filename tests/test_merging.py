@@ -14,20 +14,20 @@ from hydra import compose, initialize_config_dir
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from tl_lightning.backbones import efficientnet_lite0
-from tl_lightning.checkpointing import load_checkpoint
-from tl_lightning.data import DigitsDataModule
-from tl_lightning.inference import load_trained
-from tl_lightning.merging import (
+from tl_lightning.adapters.merging import (
     TaskVector,
     apply_task_vector,
     lora_task_vector,
-    merge_checkpoints,
     merge_task_vectors,
     state_fingerprint,
     task_vector,
 )
-from tl_lightning.pipeline import pretrained_backbone, rebuild_module, train
+from tl_lightning.backbones import efficientnet_lite0
+from tl_lightning.data import DigitsDataModule
+from tl_lightning.run.checkpointing import load_checkpoint
+from tl_lightning.run.inference import load_trained
+from tl_lightning.run.merge import merge_checkpoints
+from tl_lightning.run.pipeline import pretrained_backbone, rebuild_module, train
 
 
 def _tiny_model(seed: int = 0) -> nn.Module:

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tl_lightning.backbones import Backbone, DataConfig
 from tl_lightning.data import DigitsDataModule, MNIST5kDataModule, MultiTaskDataModule
-from tl_lightning.multitask import MultiTaskModule, check_pcgrad_strategy, resolve_loss_weights
-from tl_lightning.pcgrad import pcgrad
-from tl_lightning.pipeline import train
+from tl_lightning.modules.multitask import MultiTaskModule, check_pcgrad_strategy, resolve_loss_weights
+from tl_lightning.objectives.pcgrad import pcgrad
+from tl_lightning.run.pipeline import train
 
 LR = 0.5
 N = 8  # samples per task

@@ -22,13 +22,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from resume_helpers import last_weights
 from torch.utils.data import DataLoader, TensorDataset
 
+from tl_lightning.adapters.peft import ia3, keep_changed_only, lora, merge_adapter
 from tl_lightning.backbones import TextBackbone, TextConfig, efficientnet_lite0
 from tl_lightning.callbacks import LayerDriftMonitor, LayerwiseLR, SourceRetention
-from tl_lightning.heads import LinearHead
-from tl_lightning.inference import export_safetensors, load_trained
-from tl_lightning.module import TransferModule
-from tl_lightning.peft_adapters import ia3, keep_changed_only, lora, merge_adapter
-from tl_lightning.pipeline import rebuild_module, train
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.run.inference import export_safetensors, load_trained
+from tl_lightning.run.pipeline import rebuild_module, train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 LITE_TARGETS = ("conv_pw", "conv_pwl", "conv_head")

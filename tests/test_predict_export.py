@@ -17,14 +17,14 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch.nn import functional as F
 
-from tl_lightning.inference import (
+from tl_lightning.run.inference import (
     export,
     export_checkpoint,
     load_trained,
     predict,
     predict_to_file,
 )
-from tl_lightning.pipeline import rebuild_module, train
+from tl_lightning.run.pipeline import rebuild_module, train
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 32

@@ -6,7 +6,7 @@ import pytest
 import torch
 from resume_helpers import last_weights
 
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
 
 RUN = [
     "backbone=small_cnn",

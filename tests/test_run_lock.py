@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tl_lightning.pipeline import train
-from tl_lightning.run_lock import LOCK_NAME, RunDirectoryLocked, RunLock
+from tl_lightning.run.lock import LOCK_NAME, RunDirectoryLocked, RunLock
+from tl_lightning.run.pipeline import train
 
 
 def _dead_pid() -> int:

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_lightning.backbones import DataConfig, from_checkpoint, small_cnn
+from tl_lightning.backbones import DataConfig, small_cnn
 from tl_lightning.data import DigitsDataModule
-from tl_lightning.pipeline import train
+from tl_lightning.run.pipeline import train
+from tl_lightning.run.source_checkpoint import from_checkpoint
 
 CFG = DataConfig((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (3, 16, 16))
 

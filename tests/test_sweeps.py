@@ -85,7 +85,7 @@ def _compose(*overrides, hydra=False):
 
 @pytest.mark.parametrize("experiment", SAMPLE_EFFICIENCY)
 def test_sample_efficiency_sweeps_every_strategy_under_one_step_budget(experiment):
-    from tl_lightning.config_checks import check_config
+    from tl_lightning.run.config_checks import check_config
 
     swept = _compose(f"experiment={experiment}", hydra=True).hydra.sweeper.params
     strategies = swept.strategy.split(",")
@@ -116,7 +116,7 @@ def test_sample_efficiency_sweeps_every_strategy_under_one_step_budget(experimen
             assert trainer.val_check_interval < trainer.max_steps
             # the best checkpoint by validation accuracy is the one tested
             assert cfg.callbacks.model_checkpoint.monitor == "val/acc" and cfg.monitor_mode in ("auto", "max")
-            assert cfg.module.scheduler._target_ == "tl_lightning.optim.warmup_cosine"
+            assert cfg.module.scheduler._target_ == "tl_lightning.modules.warmup_cosine"
             staged = cfg.callbacks.get("gradual_unfreeze")
             if strategy in SHARES:
                 assert staged.unit == "step"
@@ -133,7 +133,7 @@ def test_strategies_keep_epoch_milestones_outside_a_step_budget():
 
 @pytest.mark.parametrize("strategy", ["lp_ft", "gradual_unfreeze"])
 def test_epoch_milestones_under_a_step_only_budget_are_refused(strategy):
-    from tl_lightning.config_checks import check_config
+    from tl_lightning.run.config_checks import check_config
 
     cfg = _compose(f"strategy={strategy}", "trainer.max_epochs=-1", "+trainer.max_steps=200")
     with pytest.raises(
@@ -144,7 +144,7 @@ def test_epoch_milestones_under_a_step_only_budget_are_refused(strategy):
 
 
 def test_max_epochs_minus_one_needs_max_steps():
-    from tl_lightning.config_checks import check_config
+    from tl_lightning.run.config_checks import check_config
 
     with pytest.raises(ValueError, match=r"trainer\.max_epochs must be an integer >= 1, got -1.*max_steps"):
         check_config(_compose("strategy=full_finetune", "trainer.max_epochs=-1"))
@@ -152,7 +152,7 @@ def test_max_epochs_minus_one_needs_max_steps():
 
 @pytest.mark.parametrize("experiment", SAMPLE_EFFICIENCY)
 def test_step_milestones_past_the_budget_are_refused(experiment):
-    from tl_lightning.config_checks import check_config
+    from tl_lightning.run.config_checks import check_config
 
     cfg = _compose(f"experiment={experiment}", "strategy=lp_ft", "trainer.max_steps=20")
     with pytest.raises(ValueError, match=r"milestones=\[20\] \(steps\).*trainer\.max_steps=20"):
@@ -164,7 +164,7 @@ def test_step_budget_run_unfreezes_validates_and_tests_at_the_planned_steps(tmp_
     (40% of 10), validation runs every 3 steps across epoch ends, and the best checkpoint is tested."""
     import csv
 
-    from tl_lightning.pipeline import train
+    from tl_lightning.run.pipeline import train
 
     cfg = _compose(
         "experiment=sample_efficiency",

@@ -20,8 +20,8 @@ from tl_lightning.backbones import TextConfig, hf_encoder
 from tl_lightning.backbones.hf import MINILM
 from tl_lightning.data import RottenTomatoesDataModule, TextFilesDataModule
 from tl_lightning.data.text import pad_batch, rotten_tomatoes_path
-from tl_lightning.feature_cache import CachedFeatureDataModule, cache_key, extract_features
-from tl_lightning.pipeline import train
+from tl_lightning.run.feature_cache import CachedFeatureDataModule, cache_key, extract_features
+from tl_lightning.run.pipeline import train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GOOD = ["a moving, funny and wise film", "great acting and a clever script", "a joy from start to finish"]

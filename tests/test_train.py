@@ -14,9 +14,9 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from tl_lightning.backbones import efficientnet_lite0, small_cnn
-from tl_lightning.heads import LinearHead
-from tl_lightning.module import TransferModule
-from tl_lightning.pipeline import train
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.run.pipeline import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from scipy.optimize import minimize
 
+from tl_lightning.analysis.transferability import leep, logme, nce, rank_agreement
 from tl_lightning.backbones import efficientnet_lite0
-from tl_lightning.feature_cache import CachedFeatureDataModule
-from tl_lightning.transferability import leep, logme, nce, rank_agreement
+from tl_lightning.run.feature_cache import CachedFeatureDataModule
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 1])
 # softmax outputs of a 3-class source head on 6 target samples

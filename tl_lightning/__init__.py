@@ -1,3 +1,3 @@
 """tl-lightning: transfer learning with PyTorch Lightning, timm and Hydra."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

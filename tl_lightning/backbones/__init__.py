@@ -5,13 +5,13 @@ which also knows its preprocessing (``data_config``: mean, std, input size, inte
 its layer groups ordered input -> output, and, when the weights bring one, the pretrained
 classifier (the *source head*). The data pipeline reads ``data_config`` from here, so
 normalisation can never mismatch the weights. One module per family: ``timm_models``
-(EfficientNet-Lite0/1/2 and any timm name), ``torchvision_models``, ``small_cnn``, ``checkpoint``,
+(EfficientNet-Lite0/1/2 and any timm name), ``torchvision_models``, ``small_cnn``,
 ``hf`` (Hugging Face text encoders, whose ``data_config`` is a :class:`TextConfig`), and ``cut``
-(``cut_backbone``: keep the layers up to one layer group).
+(``cut_backbone``: keep the layers up to one layer group). A backbone read back from an earlier
+run's checkpoint is :func:`tl_lightning.run.source_checkpoint.from_checkpoint`.
 """
 
 from tl_lightning.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
-from tl_lightning.backbones.checkpoint import from_checkpoint
 from tl_lightning.backbones.cut import cut_backbone
 from tl_lightning.backbones.hf import TextBackbone, TextConfig, hf_encoder
 from tl_lightning.backbones.small_cnn import small_cnn
@@ -34,7 +34,6 @@ __all__ = [
     "efficientnet_lite0",
     "efficientnet_lite1",
     "efficientnet_lite2",
-    "from_checkpoint",
     "hf_encoder",
     "small_cnn",
     "timm_backbone",

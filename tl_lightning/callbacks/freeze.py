@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from typing_extensions import override
@@ -18,6 +18,15 @@ from tl_lightning.callbacks._select import (
     selected_parameters,
     walk_modules,
 )
+
+
+def changes_trainability(callback: pl.Callback) -> bool:
+    """Whether ``callback`` declares that it may make frozen parameters trainable during the run.
+
+    A callback declares it with a ``changes_trainability = True`` attribute; Lightning's
+    ``BaseFinetuning`` subclasses exist to unfreeze, so they count as declaring it.
+    """
+    return bool(getattr(callback, "changes_trainability", False)) or isinstance(callback, BaseFinetuning)
 
 
 def norm_layers(root: nn.Module, modules: ModuleSelector) -> dict[str, nn.Module]:

@@ -148,7 +148,24 @@ class EpochSeededDataset(Dataset):
             return self.dataset[index]
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class NamedClasses:
+    """A data module whose ``setup()`` fills ``class_names``: ``num_classes`` counts them.
+
+    Asking for ``num_classes`` before ``setup()`` runs ``setup("fit")`` first, so the pipeline can
+    size heads from a data module it has only built.
+    """
+
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, known after ``setup()``."""
+        if not self.class_names:
+            self.setup("fit")
+        return len(self.class_names)
+
+
+class ClassificationDataModule(NamedClasses, pl.LightningDataModule):
     """Base for image-classification data: subclasses fill ``train_set``/``val_set``/``test_set``.
 
     Args:
@@ -196,13 +213,6 @@ class ClassificationDataModule(pl.LightningDataModule):
         the data module (its data need not exist where the model is used).
         """
         return image_transform(as_data_config(data_config), train=False, augment=False, image_size=image_size)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes, known after ``setup()``."""
-        if not self.class_names:
-            self.setup("fit")
-        return len(self.class_names)
 
     @property
     def deterministic_train(self) -> bool:

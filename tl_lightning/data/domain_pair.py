@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.data.base import ClassificationDataModule
+from tl_lightning.data.base import ClassificationDataModule, NamedClasses
 
 DomainFactory = Callable[..., ClassificationDataModule]
 
@@ -30,7 +30,7 @@ class Unlabelled(Dataset):
         return self.dataset[index][0]
 
 
-class DomainPairDataModule(pl.LightningDataModule):
+class DomainPairDataModule(NamedClasses, pl.LightningDataModule):
     """Labelled source batches together with unlabelled target batches, from two image data modules.
 
     Training batches are ``{"source": (images, labels), "target": images}`` (a ``CombinedLoader`` in
@@ -89,13 +89,6 @@ class DomainPairDataModule(pl.LightningDataModule):
                 f"{self.source.class_names} and {self.target.class_names} (select with data.*.classes)"
             )
         self.class_names = list(self.source.class_names)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes shared by both domains, known after ``setup()``."""
-        if not self.class_names:
-            self.setup("fit")
-        return len(self.class_names)
 
     @property
     def train_set(self) -> Dataset | None:

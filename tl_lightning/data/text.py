@@ -185,7 +185,7 @@ class TextDataModule(ClassificationDataModule):
         """
         raise NotImplementedError(
             f"{cls.__name__} holds texts: predict.py and export.py take image checkpoints only; load the "
-            "checkpoint with tl_lightning.inference and feed tokenised batches to the module instead"
+            "checkpoint with tl_lightning.run.inference and feed tokenised batches to the module instead"
         )
 
     def load_tables(self) -> dict[str, Table]:

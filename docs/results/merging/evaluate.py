@@ -37,17 +37,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch.optim.swa_utils import update_bn
 
-from tl_lightning.checkpointing import load_checkpoint
+from tl_lightning.adapters.merging import TaskVector, apply_task_vector, merge_task_vectors, task_vector
 from tl_lightning.data import DigitsDataModule
-from tl_lightning.inference import load_trained
-from tl_lightning.merging import (
-    CheckpointBases,
-    TaskVector,
-    apply_task_vector,
-    backbone_state,
-    merge_task_vectors,
-    task_vector,
-)
+from tl_lightning.run.checkpointing import load_checkpoint
+from tl_lightning.run.inference import load_trained
+from tl_lightning.run.merge import CheckpointBases, backbone_state
 
 TASKS = {"A": [0, 1, 2, 3, 4], "B": [5, 6, 7, 8, 9]}
 MERGE_GRID = [0.6, 1.0, 1.4, 1.8]

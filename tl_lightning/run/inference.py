@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.checkpointing import METADATA_KEY, load_checkpoint
 from tl_lightning.data.base import as_data_config
-from tl_lightning.pipeline import rebuild_module, rebuild_transform
+from tl_lightning.run.checkpointing import METADATA_KEY, load_checkpoint, upgrade_metadata
+from tl_lightning.run.pipeline import rebuild_module, rebuild_transform
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -94,7 +94,7 @@ def load_trained(path: str | Path) -> TrainedModel:
         ) from error
     _load_weights(module, state_dict, path)
     if metadata["config"].get("adapter") is not None:  # strategy=lora|ia3
-        from tl_lightning.peft_adapters import merge_adapter
+        from tl_lightning.adapters.peft import merge_adapter
 
         merge_adapter(module)  # plain weights again: no adapter modules, no extra inference cost
         metadata = {**metadata, "config": {**metadata["config"], "adapter": None}}
@@ -110,7 +110,7 @@ def _read_safetensors(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]
         with safe_open(str(path), framework="pt") as f:
             stored = (f.metadata() or {}).get(METADATA_KEY)
         state_dict = load_file(str(path))
-        metadata = json.loads(stored) if stored else None
+        metadata = upgrade_metadata(json.loads(stored)) if stored else None
     except Exception as error:  # safetensors raises its own error types for bad headers
         raise ValueError(f"model file {str(path)!r} is not a readable safetensors file: {error}") from error
     return metadata, state_dict

@@ -8,13 +8,15 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 
+from tl_lightning.run.checkpointing import moved_path
+
 
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would only fail (or silently misbehave) after training started.
 
-    Runs on the composed config before anything is built: numeric keys (kind and range), the one
-    weight-decay knob, ``monitor_mode``, strategy milestones against the run's length, EWC
-    ``fisher_path`` files and ``ckpt_path``.
+    Runs on the composed config before anything is built: ``_target_`` paths that moved in 0.2.0,
+    numeric keys (kind and range), the one weight-decay knob, ``monitor_mode``, strategy milestones
+    against the run's length, EWC ``fisher_path`` files and ``ckpt_path``.
 
     Args:
         cfg: The composed config (``conf/train.yaml``).
@@ -23,6 +25,7 @@ def check_config(cfg: DictConfig) -> None:
         ValueError: Naming the key, the value given and what is allowed.
         FileNotFoundError: On a missing ``ckpt_path`` or ``fisher_path``.
     """
+    _check_moved_targets(cfg)
     _check_numbers(cfg)
     if "weight_decay" in cfg.module.optimizer:
         raise ValueError(
@@ -36,6 +39,30 @@ def check_config(cfg: DictConfig) -> None:
     _check_fisher_paths(cfg)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+
+
+def _check_moved_targets(cfg: DictConfig) -> None:
+    """A config of the user's own that names a 0.1.0 import path fails here, naming today's path.
+
+    Raises:
+        ValueError: Naming the key, the old path and the new one.
+    """
+
+    def walk(node: object, key: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if isinstance(target, str) and moved_path(target) is not None:
+                raise ValueError(
+                    f"{key}._target_={target!r} moved when tl_lightning was regrouped into rooms (0.2.0): "
+                    f"use {moved_path(target)!r}"
+                )
+            for name, value in node.items():
+                walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{key}[{i}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 @dataclass(frozen=True)

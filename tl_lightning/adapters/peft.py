@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from tl_lightning.backbones import Backbone
 from tl_lightning.callbacks import Freeze
-from tl_lightning.feature_cache import changes_trainability
+from tl_lightning.callbacks.freeze import changes_trainability
 
 _PEFT_PREFIX = "base_model.model."
 _BASE_LAYER = ".base_layer"

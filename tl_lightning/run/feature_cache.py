@@ -27,7 +27,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
@@ -35,20 +34,12 @@ from torch.utils.data import Dataset, TensorDataset
 from tl_lightning._modes import eval_mode
 from tl_lightning.callbacks import Freeze
 from tl_lightning.callbacks._select import selected_parameters
+from tl_lightning.callbacks.freeze import changes_trainability
 from tl_lightning.data.base import ClassificationDataModule
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "off", "memory", "disk")
 _PLAIN = (bool, int, float, str, type(None))
-
-
-def changes_trainability(callback: pl.Callback) -> bool:
-    """Whether ``callback`` declares that it may make frozen parameters trainable during the run.
-
-    A callback declares it with a ``changes_trainability = True`` attribute; Lightning's
-    ``BaseFinetuning`` subclasses exist to unfreeze, so they count as declaring it.
-    """
-    return bool(getattr(callback, "changes_trainability", False)) or isinstance(callback, BaseFinetuning)
 
 
 def cache_applies(
@@ -58,7 +49,8 @@ def cache_applies(
 
     Decided positively: every backbone parameter is selected by a ``Freeze`` callback with
     ``train_bn=False`` (which freezes it and keeps the module in eval mode for the whole run), no
-    callback declares :func:`changes_trainability`, and the training inputs are deterministic.
+    callback declares :func:`~tl_lightning.callbacks.freeze.changes_trainability`, and the training
+    inputs are deterministic.
 
     Args:
         callbacks: The run's callbacks.

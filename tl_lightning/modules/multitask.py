@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,8 +15,8 @@ from torch.nn import functional as F
 from typing_extensions import override
 
 from tl_lightning.backbones import Backbone
-from tl_lightning.module import OptimizerFactory, SchedulerFactory, TransferModule
-from tl_lightning.pcgrad import pcgrad
+from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.objectives.pcgrad import pcgrad
 
 
 def resolve_loss_weights(loss_weights: Mapping[str, float] | None, tasks: list[str]) -> dict[str, float]:
@@ -76,7 +77,7 @@ class MultiTaskModule(TransferModule):
     ``/f1`` (means over tasks, so ``monitor=val/acc`` keeps the best mean accuracy), and ``train/loss``
     every step.
 
-    With ``pcgrad=True`` the shared (backbone) gradient is PCGrad's (:func:`~tl_lightning.pcgrad.pcgrad`)
+    With ``pcgrad=True`` the shared (backbone) gradient is PCGrad's (:func:`~tl_lightning.objectives.pcgrad`)
     of the per-task gradients ``w_t grad L_t``, with the tasks visited in an order drawn from
     ``(pcgrad_seed, global_step)``; the heads get their ordinary gradients. It is done in ``backward``,
     first in Lightning's pipeline (backward -> accumulate -> unscale/inf check -> step), on the
@@ -88,13 +89,14 @@ class MultiTaskModule(TransferModule):
     (:func:`check_pcgrad_strategy`). Cost: one backward pass per task instead of one in all.
 
     Args:
-        backbone, optimizer, scheduler, label_smoothing, weight_decay: As
-            :class:`~tl_lightning.module.TransferModule`.
+        backbone: As :class:`~tl_lightning.modules.transfer.TransferModule`.
         head: Task name -> its head (the pipeline builds one per task from ``head`` and the data).
         num_classes: Task name -> number of classes.
         loss_weights: Task name -> ``w_t``; ``None`` for ``1.0`` each.
         pcgrad: Project conflicting task gradients of the shared parameters (PCGrad).
         pcgrad_seed: Seed of PCGrad's task orders.
+        *args, **kwargs: The rest of :class:`~tl_lightning.modules.transfer.TransferModule`'s arguments
+            (optimizer, scheduler, label_smoothing, weight_decay).
 
     Raises:
         ValueError: If ``head``/``num_classes`` are not per-task mappings of the same tasks, or on bad
@@ -113,13 +115,11 @@ class MultiTaskModule(TransferModule):
         backbone: Backbone,
         head: Mapping[str, nn.Module],
         num_classes: Mapping[str, int],
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        label_smoothing: float = 0.0,
-        weight_decay: float = 0.0,
+        *args: Any,
         loss_weights: Mapping[str, float] | None = None,
         pcgrad: bool = False,
         pcgrad_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(head, Mapping) or not isinstance(num_classes, Mapping):
             raise ValueError(
@@ -131,9 +131,7 @@ class MultiTaskModule(TransferModule):
             raise ValueError(f"the heads {sorted(head)} and the tasks {tasks} must be the same non-empty set")
         weights = resolve_loss_weights(loss_weights, tasks)
         first = tasks[0]
-        super().__init__(
-            backbone, head[first], num_classes[first], optimizer, scheduler, label_smoothing, weight_decay
-        )
+        super().__init__(backbone, head[first], num_classes[first], *args, **kwargs)
         source = {"source": self.heads["source"]} if "source" in self.heads else {}
         self.heads = nn.ModuleDict({**{task: head[task] for task in tasks}, **source})
         self.tasks = tasks

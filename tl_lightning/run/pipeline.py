@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tl_lightning.backbones import TextConfig
 from tl_lightning.callbacks._resume import check_resume_callbacks
-from tl_lightning.checkpointing import (
+from tl_lightning.data.text import TextDataModule
+from tl_lightning.modules.multitask import MultiTaskModule
+from tl_lightning.run.checkpointing import (
     METADATA_KEY,
     AtomicCheckpointIO,
     RunMetadata,
@@ -29,12 +31,10 @@ from tl_lightning.checkpointing import (
     remove_partial_checkpoints,
     run_metadata,
 )
-from tl_lightning.config_checks import check_config
-from tl_lightning.data.text import TextDataModule
-from tl_lightning.feature_cache import MODES, CachedFeatureDataModule, cache_applies
-from tl_lightning.multitask import MultiTaskModule
-from tl_lightning.run_guards import FiniteLossGuard
-from tl_lightning.run_lock import RunLock
+from tl_lightning.run.config_checks import check_config
+from tl_lightning.run.feature_cache import MODES, CachedFeatureDataModule, cache_applies
+from tl_lightning.run.guards import FiniteLossGuard
+from tl_lightning.run.lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
     loggers = _instantiate_group(cfg.logger, "logger")
     callbacks = _pipeline_callbacks(cfg, _instantiate_group(cfg.callbacks, "callbacks"), loggers)
     if OmegaConf.select(cfg, "adapter") is not None:
-        from tl_lightning.peft_adapters import check_adapter_callbacks
+        from tl_lightning.adapters.peft import check_adapter_callbacks
 
         check_adapter_callbacks(callbacks, cfg.strategy_name)
     callbacks.append(RunMetadata(_run_metadata(cfg, backbone, datamodule)))
@@ -245,7 +245,7 @@ def _pipeline_callbacks(cfg: DictConfig, callbacks: list, loggers: list) -> list
 
 
 def _run_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
-    """``checkpoint["tl_lightning"]`` for this run (see ``tl_lightning.checkpointing.run_metadata``)."""
+    """``checkpoint["tl_lightning"]`` for this run (see ``tl_lightning.run.checkpointing.run_metadata``)."""
     class_names = getattr(datamodule, "class_names", None) or [str(i) for i in range(datamodule.num_classes)]
     return run_metadata(
         OmegaConf.to_container(cfg, resolve=True),
@@ -314,7 +314,7 @@ def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
     its inner ``backbone`` node, and no source head is attached (it only comes with pretrained
     weights and is not part of the fine-tuned model). With an ``adapter`` (``strategy=lora|ia3``)
     the checkpoint holds only what trained, so the base is built from its pretrained weights and
-    wrapped with the same adapter (see ``tl_lightning.peft_adapters``).
+    wrapped with the same adapter (see ``tl_lightning.adapters.peft``).
 
     Args:
         config: ``checkpoint["tl_lightning"]["config"]`` (plain data, interpolations resolved).
@@ -362,7 +362,7 @@ def _with_adapter(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module
 def _keep_changed_only(cfg: DictConfig, module: torch.nn.Module) -> None:
     """With an ``adapter``, checkpoints hold what trains only (``peft_adapters.keep_changed_only``)."""
     if OmegaConf.select(cfg, "adapter") is not None:
-        from tl_lightning.peft_adapters import keep_changed_only
+        from tl_lightning.adapters.peft import keep_changed_only
 
         keep_changed_only(module)
 
@@ -372,7 +372,7 @@ def pretrained_backbone(config: dict) -> torch.nn.Module:
 
     Unlike :func:`rebuild_module`, the recorded node is built as it is (``pretrained=true`` reads the
     packaged weights, ``from_checkpoint`` its source checkpoint); the source head is dropped. Task
-    arithmetic (``tl_lightning.merging``) takes its base weights from here.
+    arithmetic (``tl_lightning.adapters.merging``) takes its base weights from here.
 
     Raises:
         ValueError: If ``config`` lacks the ``backbone`` node.

@@ -23,7 +23,7 @@ class WritableOutputDir(Callback):
 
         callbacks:
           writable_output_dir:
-            _target_: tl_lightning.hydra_callbacks.WritableOutputDir
+            _target_: tl_lightning.run.hydra_callbacks.WritableOutputDir
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -12,7 +12,7 @@ shrinks roughly by the batch size, so it is wrong, not an approximation.
 Per-sample squared gradients come from one batched backward pass per chunk of samples: module hooks on
 ``Linear``, ``Conv1d/2d`` (grouped and depthwise included), BatchNorm, LayerNorm, GroupNorm and
 ``Embedding`` layers turn each layer's input and output gradient into per-sample parameter gradients in
-closed form and square them a few samples at a time (:mod:`tl_lightning._fisher_hooks`), so the
+closed form and square them a few samples at a time (:mod:`tl_lightning.fisher.layer_hooks`), so the
 per-sample gradients of the whole model never exist together. Subclasses that override ``forward`` keep a
 closed form where the probe pass confirms what it assumes (a convolution padding TF-style "same", like
 timm's ``Conv2dSame``; BatchNorm followed by ``drop``/``act`` submodules, like timm's ``BatchNormAct2d``),
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn import functional as F
 
-from tl_lightning._fisher_hooks import LayerHooks, Rule, layer_rule, vjp_rule
 from tl_lightning._modes import eval_mode
+from tl_lightning.fisher.layer_hooks import LayerHooks, Rule, layer_rule, vjp_rule
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tl_lightning.backbones import Backbone
-from tl_lightning.optim import named_param_groups
+from tl_lightning.modules.optim import named_param_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., object]
@@ -93,7 +93,7 @@ class TransferModule(pl.LightningModule):
         return self.heads["target"](features)
 
     def use_cached_features(self) -> None:
-        """Take backbone features, not images, as input from now on (``tl_lightning.feature_cache``)."""
+        """Take backbone features, not images, as input from now on (``tl_lightning.run.feature_cache``)."""
         self.cached_features = True
 
     def source_logits(self, x: torch.Tensor) -> torch.Tensor:

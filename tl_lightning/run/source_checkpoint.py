@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tl_lightning.backbones.base import Backbone
-from tl_lightning.checkpointing import load_checkpoint
+from tl_lightning.backbones import Backbone
+from tl_lightning.modules.heads import LinearHead
+from tl_lightning.run.checkpointing import load_checkpoint
 
 
 def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
@@ -27,8 +28,6 @@ def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
 
         backbone = from_checkpoint("outputs/source/checkpoints/last.ckpt", efficientnet_lite0())
     """
-    from tl_lightning.heads import LinearHead
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone.path={path!r} does not exist; train the source task first")
     state = load_checkpoint(path)["state_dict"]  # names the file when it is truncated or not a checkpoint

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tl_lightning.adaptation import DEFAULT_SCALES, dann_coefficient, gaussian_mmd, grad_reverse
-from tl_lightning.backbones import Backbone
-from tl_lightning.module import OptimizerFactory, SchedulerFactory, TransferModule
+from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.objectives.domain import DEFAULT_SCALES, dann_coefficient, gaussian_mmd, grad_reverse
 
 ADAPTATIONS = ("none", "dann", "mmd")
 
@@ -23,17 +24,17 @@ class DomainAdaptationModule(TransferModule):
     * ``none``: no term, and the target images are not even forwarded (the source-only baseline).
     * ``dann``: binary cross-entropy of a domain classifier (``heads["domain"]``, an MLP on the
       features) behind a gradient-reversal layer whose coefficient follows
-      :func:`~tl_lightning.adaptation.dann_coefficient` of the training progress.
+      :func:`~tl_lightning.objectives.domain.dann_coefficient` of the training progress.
     * ``mmd``: the multi-kernel Gaussian MMD between source and target features
-      (:func:`~tl_lightning.adaptation.gaussian_mmd`, bandwidths ``scales`` x mean squared distance).
+      (:func:`~tl_lightning.objectives.domain.gaussian_mmd`, bandwidths ``scales`` x mean squared distance).
 
     Source and target images go through the backbone as one batch (``dann``, ``mmd``), so BatchNorm
     normalises both domains together. Validation and test take two loaders: ``0`` the target
     domain, logged as ``val/acc`` etc., ``1`` the source domain, logged as ``val/source_acc`` etc.
 
     Args:
-        backbone, head, num_classes, optimizer, scheduler, label_smoothing, weight_decay: As
-            :class:`~tl_lightning.module.TransferModule`.
+        *args, **kwargs: :class:`~tl_lightning.modules.transfer.TransferModule`'s arguments (backbone,
+            head, num_classes, optimizer, scheduler, label_smoothing, weight_decay).
         adaptation: ``none`` | ``dann`` | ``mmd``.
         weight: Weight of the adaptation term, ``>= 0``.
         domain_hidden: Hidden width of the DANN domain classifier.
@@ -51,27 +52,22 @@ class DomainAdaptationModule(TransferModule):
 
     def __init__(
         self,
-        backbone: Backbone,
-        head: nn.Module,
-        num_classes: int,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        label_smoothing: float = 0.0,
-        weight_decay: float = 0.0,
+        *args: Any,
         adaptation: str = "none",
         weight: float = 1.0,
         domain_hidden: int = 256,
         mmd_scales: tuple[float, ...] = DEFAULT_SCALES,
+        **kwargs: Any,
     ) -> None:
         if adaptation not in ADAPTATIONS:
             raise ValueError(f"module.adaptation must be one of {list(ADAPTATIONS)}, got {adaptation!r}")
         if not weight >= 0:
             raise ValueError(f"module.weight must be >= 0, got {weight}")
-        super().__init__(backbone, head, num_classes, optimizer, scheduler, label_smoothing, weight_decay)
+        super().__init__(*args, **kwargs)
         self.hparams.update({"adaptation": adaptation, "weight": weight, "mmd_scales": tuple(mmd_scales)})
         if adaptation == "dann":
             self.heads["domain"] = nn.Sequential(
-                nn.Linear(backbone.num_features, domain_hidden), nn.ReLU(), nn.Linear(domain_hidden, 1)
+                nn.Linear(self.backbone.num_features, domain_hidden), nn.ReLU(), nn.Linear(domain_hidden, 1)
             )
         self.source_val_metrics = self.val_metrics.clone(prefix="val/source_")
         self.source_test_metrics = self.test_metrics.clone(prefix="test/source_")
