@@ -39,8 +39,7 @@ def cached_splits(overrides: list[str]) -> dict[str, tuple[torch.Tensor, torch.T
     cached = CachedFeatureDataModule(
         data, backbone, cache_dir, OmegaConf.to_container(cfg.backbone, resolve=True)
     )
-    cached.setup("fit")
-    sets = {"train": cached.train_set, "val": cached.val_set, "test": cached.test_set}
+    sets = {split: cached.features(split) for split in ("train", "val", "test")}
     return {name: (s.tensors[0].double().flatten(1), s.tensors[1]) for name, s in sets.items()}
 
 

@@ -238,3 +238,64 @@ def test_features_are_computed_on_the_given_device(tmp_path):
     features = extract_features(backbone, data, 4, tmp_path, device="cuda").tensors[0]
     assert seen == ["cuda", "cuda"] and features.device.type == "cpu"
     assert next(backbone.parameters()).device.type == "cpu", "the backbone goes back where it was"
+
+
+# --- features come from the weights that run, not those the run was built with --------------------
+
+
+def _other_backbone_checkpoint(run_checkpoint: Path, destination: Path) -> Path:
+    """``run_checkpoint`` with another backbone (as scripts/merge.py writes one) and no ModelCheckpoint
+    state (whose best path would send the test back to the original weights), saved to ``destination``."""
+    stored = torch.load(run_checkpoint, map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in stored["state_dict"].items():
+        if key.startswith("backbone.") and value.is_floating_point() and "running_var" not in key:
+            stored["state_dict"][key] = value + 0.3 * torch.randn(value.shape, generator=generator)
+    stored["callbacks"] = {
+        k: v for k, v in stored["callbacks"].items() if not k.startswith("ModelCheckpoint")
+    }
+    torch.save(stored, destination)
+    return destination
+
+
+def test_a_run_loading_ckpt_path_is_served_the_checkpoints_features(make_cfg, tmp_path):
+    """Lightning calls ``datamodule.setup()`` before it loads ``ckpt_path``: the cache must not serve the
+    built backbone's features to a test of the checkpoint's backbone (a merged checkpoint's test)."""
+    probe = ["backbone=small_cnn", "backbone.channels=[8,16]", "strategy=linear_probe"]
+    train(make_cfg(*probe, run="probe"))
+    other = _other_backbone_checkpoint(
+        tmp_path / "probe" / "checkpoints" / "last.ckpt", tmp_path / "other.ckpt"
+    )
+    tested = {}
+    for mode in ("auto", "off"):
+        cfg = make_cfg(*probe, f"ckpt_path={other}", f"feature_cache={mode}", run=f"test-{mode}")
+        train(cfg)
+        tested[mode] = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert tested["auto"]["feature_cache"] == "memory" and tested["off"]["feature_cache"] == "off"
+    pretrained = json.loads((tmp_path / "probe" / "metrics.json").read_text())["test"]["test/loss"]
+    assert tested["off"]["test"]["test/loss"] != pytest.approx(pretrained, abs=1e-3)  # the weights differ
+    assert tested["auto"]["test"]["test/loss"] == pytest.approx(tested["off"]["test"]["test/loss"], rel=1e-5)
+
+
+def test_cached_features_follow_the_backbones_weights():
+    from tl_lightning.run.feature_cache import CachedFeatureDataModule
+
+    backbone = small_cnn(channels=(8, 16), input_size=16).eval()
+    data = CachedFeatureDataModule(
+        DigitsDataModule(backbone.data_config, image_size=16, batch_size=64), backbone
+    )
+    first = data.features("test")
+    assert data.features("test") is first  # unchanged weights: nothing extracted again
+    with torch.no_grad():
+        for parameter in backbone.parameters():
+            parameter.add_(0.1)
+    again = data.features("test")
+    images = torch.stack([image for image, _ in data.source.test_set])
+    with torch.no_grad():
+        assert torch.allclose(again.tensors[0], backbone(images), atol=1e-5)
+    assert not torch.allclose(again.tensors[0], first.tensors[0], atol=1e-3)
+    with torch.no_grad():
+        for parameter in backbone.parameters():
+            parameter.sub_(0.1)  # modified, but back to the weights the first features came from
+    restored = data.features("test")
+    assert torch.allclose(restored.tensors[0], first.tensors[0], atol=1e-5)

@@ -182,7 +182,9 @@ def test_script_scores_candidates_on_cached_features_and_drops_leep_nce_after_a_
     backbone = instantiate(cfg.backbone)
     data = instantiate(cfg.data, data_config=backbone.data_config)
     container = OmegaConf.to_container(cfg.backbone, resolve=True)
-    CachedFeatureDataModule(data, backbone, tmp_path / "features", container).setup("fit")
+    cached = CachedFeatureDataModule(data, backbone, tmp_path / "features", container)
+    for split in ("train", "val", "test"):
+        cached.features(split)
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 4
 
 

@@ -12,6 +12,10 @@ was built from), its weights and buffers by name, the preprocessing, *and* the e
 so the data and its transform are covered too. Inputs are hashed and embedded batch by batch: only
 one batch of images is ever held in memory. Text inputs (a dict of unpadded token tensors per sample)
 are batched by the data module's ``collate_fn`` (dynamic padding) and hashed per sample, unpadded.
+
+Features are extracted when a loader is built, from the weights the backbone holds then, and again
+whenever those weights changed (:class:`CachedFeatureDataModule`): a run that loads ``ckpt_path`` is
+served the checkpoint's features, not those of the weights it was built with.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tl_lightning._modes import eval_mode
 from tl_lightning.callbacks import Freeze
@@ -178,9 +182,7 @@ def cache_key(
     digest = hashlib.sha256()
     digest.update(architecture(backbone).encode())
     digest.update(json.dumps(_plain(config or {}), sort_keys=True).encode())
-    for name, tensor in backbone.state_dict().items():
-        digest.update(name.encode())
-        _update(digest, tensor)
+    digest.update(weights_fingerprint(backbone).encode())
     _update_samples(digest, dataset, batch_size, collate)
     return digest.hexdigest()[:32]
 
@@ -274,12 +276,33 @@ def extract_features(
     return embedded
 
 
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of ``module``'s state dict (names, dtypes, shapes and bytes): which weights would run now.
+
+    Example::
+
+        before = weights_fingerprint(backbone)
+        backbone.load_state_dict(other)
+        assert weights_fingerprint(backbone) != before
+    """
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        _update(digest, tensor)
+    return digest.hexdigest()
+
+
 class CachedFeatureDataModule(ClassificationDataModule):
     """Wraps a data module so that every split yields backbone features instead of images.
 
-    Features are computed in ``setup()``, on the trainer's device when a trainer runs it, in batches of
-    the wrapped data module's ``batch_size`` (collated by its ``collate_fn`` when it has one, as text
-    data modules do).
+    Features are extracted when a split's loader is asked for, not in ``setup()``: Lightning calls
+    ``setup()`` *before* it loads ``ckpt_path``, so features extracted there would come from the weights
+    the run was built with, not the checkpoint's (a merged checkpoint tested with the pretrained
+    backbone). Each split remembers the :func:`weights_fingerprint` it was extracted from and is
+    extracted again when the backbone's weights differ (the content is hashed only when a tensor was
+    modified or replaced since the last request, so unchanged weights cost no hashing). Extraction runs
+    on the trainer's device when a trainer is attached, in batches of the wrapped data module's
+    ``batch_size`` (collated by its ``collate_fn`` when it has one, as text data modules do).
 
     Args:
         datamodule: The image or text data module (deterministic training inputs).
@@ -310,25 +333,54 @@ class CachedFeatureDataModule(ClassificationDataModule):
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.config = {"backbone": dict(config or {}), "data_config": datamodule.data_config.as_dict()}
+        self._extracted_from: dict[str, str] = {}  # split -> weights_fingerprint it was extracted from
+        self._seen: tuple = ()  # identity and version of every backbone tensor when last fingerprinted
+        self._fingerprint = ""
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        """Set up the wrapped data module; features wait for each split's loader (see the class docstring)."""
+        if self.class_names:
             return
         self.source.setup(stage)
         self.class_names = list(self.source.class_names)
         self.probe_set = self.source.probe_set  # images: SourceRetention runs the backbone itself
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
-        batch_size = self.source.batch_size  # what training fits in memory; activations dominate the peak
-        collate = getattr(self.source, "collate_fn", None)
-        self.train_set, self.val_set, self.test_set = (
-            extract_features(
+
+    def features(self, split: str) -> TensorDataset:
+        """``split``'s (``train``, ``val`` or ``test``) features from the backbone's current weights.
+
+        Raises:
+            ValueError: On another split name.
+        """
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be one of ['train', 'val', 'test'], got {split!r}")
+        self.setup()
+        seen = tuple(
+            (id(t), t.data_ptr(), t._version) for t in self.backbone.state_dict(keep_vars=True).values()
+        )
+        if seen != self._seen:  # a tensor was written or replaced: hash what the weights hold now
+            self._seen, self._fingerprint = seen, weights_fingerprint(self.backbone)
+        if self._extracted_from.get(split) != self._fingerprint:
+            extracted = extract_features(
                 self.backbone,
-                split,
-                batch_size,
+                getattr(self.source, f"{split}_set"),
+                self.source.batch_size,  # what training fits in memory; activations dominate the peak
                 self.cache_dir,
                 config=self.config,
-                device=device,
-                collate=collate,
+                device=self.trainer.strategy.root_device if self.trainer is not None else None,
+                collate=getattr(self.source, "collate_fn", None),
             )
-            for split in (self.source.train_set, self.source.val_set, self.source.test_set)
-        )
+            setattr(self, f"{split}_set", extracted)
+            self._extracted_from[split] = self._fingerprint
+        return getattr(self, f"{split}_set")
+
+    def train_dataloader(self) -> DataLoader:
+        self.features("train")
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        self.features("val")
+        return super().val_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        self.features("test")
+        return super().test_dataloader()

@@ -35,6 +35,7 @@ from tl_lightning.run.config_checks import check_config
 from tl_lightning.run.feature_cache import MODES, CachedFeatureDataModule, cache_applies
 from tl_lightning.run.guards import FiniteLossGuard
 from tl_lightning.run.lock import RunLock
+from tl_lightning.run.sync_batchnorm import NormActSyncBatchNorm
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
         )
         module.use_cached_features()
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_trainer_plugins(cfg)
     )
     if cfg.ckpt_path:
         _check_resume(cfg, module, trainer.callbacks)
@@ -170,6 +171,25 @@ def _run_directory_lock(output_dir: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _trainer_plugins(cfg: DictConfig) -> list:
+    """Atomic checkpoint writes always; with ``trainer.sync_batchnorm=true``, a conversion that keeps
+    timm's fused BatchNorm + activation layers (Lightning's own drops their activations).
+
+    Raises:
+        ValueError: On ``trainer.sync_batchnorm=true`` with ``trainer.accelerator=cpu`` (torch's
+            ``SyncBatchNorm`` runs on GPUs only).
+    """
+    plugins = [AtomicCheckpointIO()]
+    if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
+        if OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
+            raise ValueError(
+                "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel): use "
+                "trainer=ddp, or set trainer.sync_batchnorm=false with trainer.accelerator=cpu"
+            )
+        plugins.append(NormActSyncBatchNorm())
+    return plugins
 
 
 def _check_modality(cfg: DictConfig, backbone: torch.nn.Module) -> None:
