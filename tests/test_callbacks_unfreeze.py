@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from callback_helpers import Recorder, TinyModel, dataloader, make_trainer, state, timm_cosine
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
+from torch import nn
 from torch.optim import lr_scheduler
 
 from tl_lightning.callbacks import GradualUnfreeze
@@ -42,6 +45,92 @@ def per_epoch(rec: Recorder) -> list[set[str]]:
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradualUnfreeze(**kwargs)
+
+
+class BackboneOnly(pl.LightningModule):
+    """Every parameter lies in ``backbone`` (three Linear layer groups); the optimizer gets them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+        self.steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps += 1
+        x, y = batch
+        return nn.functional.cross_entropy(self.backbone(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def frozen_head() -> TinyModel:
+    model = TinyModel(optim="all")
+    model.head.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("make_model", "kwargs", "phase"),
+    [
+        (BackboneOnly, {"milestones": [1, 2]}, r"phase 0 \(until epoch 1\)"),
+        (BackboneOnly, {"milestones": [3], "unit": "step"}, r"phase 0 \(until step 3\)"),
+        (BackboneOnly, {"milestones": [0, 2], "groups_per_milestone": [2, 1]}, None),
+        (frozen_head, {"milestones": [1, 2], "train_bn": False}, r"phase 0 \(until epoch 1\)"),
+        (frozen_head, {"milestones": [1, 2], "train_bn": True}, None),  # BatchNorm trains from step 1
+        (BackboneOnly, {"milestones": [0, 1]}, None),  # milestone 0: a layer group trains from step 1
+    ],
+)
+def test_first_phase_with_nothing_to_train_fails_at_fit_start(tmp_path, make_model, kwargs, phase):
+    """Refused before any step exactly when the first step would have nothing to train."""
+    model = make_model()
+    rec = Recorder()
+    trainer = make_trainer(tmp_path, 3, [GradualUnfreeze(**kwargs), rec])
+    if phase is None:
+        trainer.fit(model, dataloader())
+        assert rec.trainable[0], "something trains from the first step"
+        return
+    with pytest.raises(
+        ValueError,
+        match=rf"GradualUnfreeze\(modules=\['backbone'\], milestones={re.escape(str(kwargs['milestones']))}.*"
+        rf"leaves nothing to train in {phase}.*{type(model).__name__} has no other trainable parameter",
+    ):
+        trainer.fit(model, dataloader())
+    assert rec.trainable == [] and getattr(model, "steps", 0) == 0, "refused before any step"
+
+
+class UnfreezeHeadAtStart(BaseFinetuning):
+    """Another callback that changes trainability: it unfreezes ``head`` when the first epoch starts."""
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Any) -> None:
+        if epoch == 0:
+            pl_module.head.requires_grad_(True)
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "refused"),
+    [
+        ([GradualUnfreeze(milestones=[1, 2]), GradualUnfreeze(modules="head", milestones=[2])], True),
+        ([GradualUnfreeze(milestones=[1, 2]), GradualUnfreeze(modules="head", milestones=[0])], False),
+        ([GradualUnfreeze(modules="head", milestones=[0]), GradualUnfreeze(milestones=[1, 2])], False),
+        ([GradualUnfreeze(milestones=[1, 2]), UnfreezeHeadAtStart()], False),  # cannot tell: not judged
+    ],
+)
+def test_first_phase_counts_what_other_callbacks_unfreeze_before_the_first_step(tmp_path, callbacks, refused):
+    model, rec = TinyModel(optim="all"), Recorder()
+    model.head.requires_grad_(False)
+    trainer = make_trainer(tmp_path, 3, [*callbacks, rec])
+    if refused:
+        with pytest.raises(ValueError, match=r"leaves nothing to train in phase 0"):
+            trainer.fit(model, dataloader())
+        assert rec.trainable == []
+    else:
+        trainer.fit(model, dataloader())
+        assert rec.trainable[0] == HEAD
 
 
 def test_more_milestones_than_layer_groups_fails_in_setup(tmp_path):

@@ -1,6 +1,7 @@
 """One run per output directory: a live holder stops the second run, a dead one's lock is taken over."""
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -19,9 +20,9 @@ def _dead_pid() -> int:
     return process.pid
 
 
-def _write_lock(directory: Path, pid: int, host: str | None = None) -> None:
+def _write_lock(directory: Path, pid: int, host: str | None = None, **extra: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    holder = {"pid": pid, "host": host or socket.gethostname(), "started": "earlier"}
+    holder = {"pid": pid, "host": host or socket.gethostname(), "started": "earlier", **extra}
     (directory / LOCK_NAME).write_text(json.dumps(holder))
 
 
@@ -61,3 +62,62 @@ def test_run_in_a_directory_held_by_a_live_process_stops_before_training(make_cf
     finally:
         holder.kill()
         holder.wait()
+
+
+RACERS, ROUNDS = 8, 20
+
+
+def _race(directories: list[Path], barrier, results, index: int) -> None:
+    """One racer: in every round, try to take the stale lock as the others do, report whether it got it."""
+    for number, directory in enumerate(directories):
+        lock = RunLock(directory)
+        barrier.wait(timeout=60)  # all racers start together
+        try:
+            lock.acquire()
+            outcome = "held"
+        except RunDirectoryLocked:
+            outcome = "refused"
+        except Exception as error:  # reported, so the test fails naming it
+            outcome = repr(error)
+        barrier.wait(timeout=60)  # every racer has tried; the winners still hold the lock
+        results.put((number, index, outcome))
+        lock.release()
+
+
+def test_racing_runs_take_over_a_stale_lock_one_at_a_time(tmp_path):
+    """8 processes released together on a stale lock, 20 times: each time exactly one holds it.
+
+    The stale holder's record is padded to 4 MB, so reading it takes a while: that is the window in
+    which a run that judged the lock stale deleted the lock another run had just created (both ran on).
+    """
+    directories = [tmp_path / f"round{number}" for number in range(ROUNDS)]
+    dead = _dead_pid()
+    for directory in directories:
+        _write_lock(directory, dead, note=" " * 4_000_000)
+    context = multiprocessing.get_context("fork")  # the racers need nothing but run/lock.py: no re-import
+    barrier, results = context.Barrier(RACERS), context.Queue()
+    racers = [
+        context.Process(target=_race, args=(directories, barrier, results, index)) for index in range(RACERS)
+    ]
+    for racer in racers:
+        racer.start()
+    outcomes = [results.get(timeout=120) for _ in range(RACERS * ROUNDS)]
+    for racer in racers:
+        racer.join(timeout=60)
+        assert racer.exitcode == 0
+    unexpected = {outcome for _, _, outcome in outcomes} - {"held", "refused"}
+    assert not unexpected, unexpected
+    holders = {
+        number: sorted(i for n, i, outcome in outcomes if n == number and outcome == "held")
+        for number in range(ROUNDS)
+    }
+    wrong = {number: held for number, held in holders.items() if len(held) != 1}
+    assert not wrong, f"rounds whose stale lock was held by other than exactly one racer: {wrong}"
+    assert all(sorted(p.name for p in directory.iterdir()) == [] for directory in directories)
+
+
+def test_lock_file_naming_no_holder_is_taken_over(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).write_bytes(b"\xff\xfe not a holder")
+    with RunLock(tmp_path / "run"):
+        assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()

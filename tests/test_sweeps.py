@@ -6,10 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf.errors import InterpolationResolutionError
+
+import tl_lightning.run.config_checks  # noqa: F401  registers the resolvers the configs use, as train.py does
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(ROOT / "conf")
+OPTIMUM = {"minimize": min, "maximize": max}
 TINY = [
     "backbone=small_cnn",
     "trainer.max_epochs=1",
@@ -23,16 +28,17 @@ TINY = [
 
 
 def _multirun(tmp_path, *overrides):
+    """The ``metrics.json`` files of the runs and the sweep's log."""
     cmd = [sys.executable, "train.py", "-m", *TINY, f"hydra.sweep.dir={tmp_path}", *overrides]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return sorted(tmp_path.rglob("metrics.json"))
+    return sorted(tmp_path.rglob("metrics.json")), result.stdout + result.stderr
 
 
 @pytest.mark.slow
 def test_multirun_writes_one_metrics_file_per_run_and_report_aggregates(tmp_path):
     sweep = tmp_path / "sweep"
-    runs = _multirun(sweep, "strategy=scratch,full_finetune", "seed=0,1", "data.train_per_class=5,all")
+    runs, _ = _multirun(sweep, "strategy=scratch,full_finetune", "seed=0,1", "data.train_per_class=5,all")
     assert len(runs) == 8
     assert {json.loads(r.read_text())["strategy"] for r in runs} == {"scratch", "full_finetune"}
     report = subprocess.run(
@@ -49,13 +55,23 @@ def test_multirun_writes_one_metrics_file_per_run_and_report_aggregates(tmp_path
 
 
 @pytest.mark.slow
-def test_optuna_sweeper_optimises_the_returned_metric(tmp_path):
-    runs = _multirun(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "strategy=scratch")
+@pytest.mark.parametrize(("monitor", "direction"), [("val/acc", "maximize"), ("val/loss", "minimize")])
+def test_optuna_sweeper_optimises_the_returned_metric(tmp_path, monitor, direction):
+    runs, log = _multirun(
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "strategy=scratch",
+        f"monitor={monitor}",
+    )
     assert len(runs) == 2
-    lrs = {json.loads(r.read_text())["best"]["val/acc"] is not None for r in runs}
-    assert lrs == {True}
-    results = (tmp_path / "optimization_results.yaml").read_text()
-    assert "best_params" in results and "module.optimizer.lr" in results
+    assert f"Directions: ['{direction}']" in log
+    values = [json.loads(r.read_text())["best"][monitor] for r in runs]
+    if monitor == "val/loss":  # continuous: two trials differ, so the study's pick tells the direction
+        assert len(set(values)) == 2
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert "module.optimizer.lr" in results["best_params"]
+    assert results["best_value"] == pytest.approx(OPTIMUM[direction](values))
 
 
 def test_slurm_launcher_and_ddp_trainer_compose():
@@ -69,6 +85,77 @@ def test_slurm_launcher_and_ddp_trainer_compose():
     assert "submitit" in launcher._target_.lower() and "slurm" in launcher._target_.lower()
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert cfg.trainer.strategy == "ddp"
+
+
+# --- the Optuna study's direction (hparams_search=optuna) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "direction"),
+    [
+        ([], "maximize"),  # val/acc
+        (["monitor=val/f1"], "maximize"),
+        (["monitor=val/loss"], "minimize"),
+        (["monitor=train/loss"], "minimize"),
+        (["strategy=dann"], "maximize"),  # val/source_acc
+        (["strategy=dann", "monitor=val/source_loss"], "minimize"),
+        (["strategy=multitask", "monitor=val/mnist5k/loss"], "minimize"),
+        (["monitor=val/loss", "monitor_mode=min"], "minimize"),
+        (["monitor=val/auroc", "monitor_mode=max"], "maximize"),  # a metric auto cannot judge: as given
+        (["monitor=val/auroc", "monitor_mode=min"], "minimize"),
+    ],
+)
+def test_optuna_direction_follows_monitor_and_monitor_mode(overrides, direction):
+    cfg = _compose("hparams_search=optuna", *overrides, hydra=True)
+    assert cfg.hydra.sweeper.direction == direction
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            ["monitor=val/auroc"],
+            r"monitor=val/auroc is better high or low.*set monitor_mode=min or monitor_mode=max",
+        ),
+        (["monitor_mode=largest"], r"monitor_mode='largest' is not one of \['auto', 'min', 'max'\]"),
+    ],
+)
+def test_optuna_direction_that_cannot_be_told_names_the_keys(overrides, match):
+    cfg = _compose("hparams_search=optuna", *overrides, hydra=True)
+    with pytest.raises(InterpolationResolutionError, match=match):
+        cfg.hydra.sweeper.direction  # noqa: B018  resolved when read, as the sweeper reads it
+
+
+def _logged_metric_modes() -> dict[str, str]:
+    """Every metric the modules log, with the checkpoint mode they declare (``monitor_modes()``)."""
+    import torch
+    from torch import nn
+
+    from tl_lightning.backbones import Backbone, DataConfig
+    from tl_lightning.modules import DomainAdaptationModule, MultiTaskModule, TransferModule
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+    backbone = Backbone(model, 6, DataConfig((0.5,) * 3, (0.5,) * 3, (3, 2, 2)), {}, name="tiny")
+    tasks = {"mnist5k": 10, "fashion": 10}
+    heads = {task: nn.Linear(6, n) for task, n in tasks.items()}
+    multitask = MultiTaskModule(backbone, heads, tasks, torch.optim.SGD)
+    return TransferModule.monitor_modes() | DomainAdaptationModule.monitor_modes() | multitask.monitor_modes()
+
+
+def test_optuna_direction_agrees_with_every_module_and_strategy():
+    """The name rule the sweep resolves agrees with what the modules declare, for every metric they log,
+    and every strategy's default monitor gets the direction its best checkpoint is chosen by."""
+    from tl_lightning.run.config_checks import SWEEP_DIRECTIONS, sweep_direction
+
+    modes = _logged_metric_modes()
+    assert {sweep_direction(metric, "auto") for metric in modes} == {"minimize", "maximize"}
+    assert {metric: sweep_direction(metric, "auto") for metric in modes} == {
+        metric: SWEEP_DIRECTIONS[mode] for metric, mode in modes.items()
+    }
+    for strategy in sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml")):
+        cfg = _compose("hparams_search=optuna", f"strategy={strategy}", hydra=True)
+        assert cfg.monitor in modes and cfg.monitor_mode == "auto", strategy
+        assert cfg.hydra.sweeper.direction == SWEEP_DIRECTIONS[modes[cfg.monitor]], strategy
 
 
 # --- equal step budgets (experiment=sample_efficiency, sample_efficiency_fashion) ---------------------

@@ -26,7 +26,13 @@ from tl_lightning.callbacks._select import (
     layer_parameters,
     modules_of_groups,
 )
-from tl_lightning.callbacks.freeze import keep_eval, modules_by_name, norm_layers, norm_parameter_ids
+from tl_lightning.callbacks.freeze import (
+    changes_trainability,
+    keep_eval,
+    modules_by_name,
+    norm_layers,
+    norm_parameter_ids,
+)
 
 UNITS = ("epoch", "step")
 
@@ -73,7 +79,8 @@ class GradualUnfreeze(Callback):
     Raises:
         ValueError: If an argument is invalid (the message lists the allowed values), or in
             ``setup()`` if there are more milestones than layer groups to unfreeze, or on resume if the
-            checkpoint's layer groups differ.
+            checkpoint's layer groups differ, or in ``on_fit_start()`` (before any step) if the first
+            phase leaves no parameter of the model trainable.
         AttributeError: In ``setup()``, if a selector matches no module.
 
     Example::
@@ -167,6 +174,8 @@ class GradualUnfreeze(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # 0. a first phase with nothing to train would fail in autograd at the first step
+        self._check_first_phase_trains(trainer, pl_module)
         # 1. one named group per layer group, frozen parameters added, schedulers remapped
         partition_optimizers(trainer, self._layers)
         # 2. what DDP reduces: what required grad when it wrapped the model (everything selected is frozen)
@@ -238,6 +247,41 @@ class GradualUnfreeze(Callback):
                 )
         ends = [sum(counts[: i + 1]) for i in range(len(counts))]
         return [output_first[end - count : end] for count, end in zip(counts, ends, strict=True)]
+
+    def _first_phase(self) -> tuple[int, set[int]]:
+        """The stage at the first step (restored, or reached by milestones at 0) and what it unfroze."""
+        stage = max(self._stage, bisect_right(self.milestones, 0))
+        unfrozen = {
+            id(p) for block in self._blocks[:stage] for layer in block for p in self._layers[layer].values()
+        }
+        return stage, unfrozen
+
+    def _check_first_phase_trains(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a first phase in which no parameter of the model is trainable.
+
+        What trains at the first step: parameters that require grad now, and those this callback and any
+        other ``GradualUnfreeze`` unfreeze before it (the restored stage, milestones at 0). Only
+        ``requires_grad`` is looked at, so any ``LightningModule`` is judged alike. Next to another
+        callback that changes trainability, which may unfreeze before the first step, nothing is judged.
+
+        Raises:
+            ValueError: Naming the modules, the milestones and the phase that has nothing to train.
+        """
+        others = [c for c in trainer.callbacks if c is not self and changes_trainability(c)]
+        if not all(isinstance(c, GradualUnfreeze) for c in others):
+            return
+        stage, unfrozen = self._first_phase()
+        unfrozen = unfrozen.union(*(c._first_phase()[1] for c in others))
+        if any(p.requires_grad or id(p) in unfrozen for p in pl_module.parameters()):
+            return
+        until = f" (until {self.unit} {self.milestones[stage]})" if stage < len(self.milestones) else ""
+        raise ValueError(
+            f"{type(self).__name__}(modules={self.modules}, milestones={self.milestones}, "
+            f"unit={self.unit!r}) leaves nothing to train in phase {stage}{until}: it freezes every "
+            f"parameter of {self.modules} and {type(pl_module).__name__} has no other trainable parameter, "
+            f"so the first training step would fail in autograd; give the model a trainable part outside "
+            f"{self.modules} (a head) or unfreeze from the start (a first milestone of 0)"
+        )
 
     def _unreachable(self, trainer: pl.Trainer) -> list[int]:
         """The milestones the run ends before (by ``max_epochs`` or ``max_steps``)."""

@@ -41,6 +41,51 @@ def check_config(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
 
 
+SWEEP_DIRECTIONS = {"min": "minimize", "max": "maximize"}
+
+
+def sweep_direction(monitor: str, monitor_mode: str) -> str:
+    """The Optuna study direction that optimises ``monitor`` the way the best checkpoint is chosen.
+
+    ``monitor_mode=min|max`` is taken as given; ``auto`` follows the metric's name as the modules'
+    ``monitor_modes()`` and ``train()`` do: a loss (``val/loss``, ``val/source_loss``, ``val/<task>/loss``)
+    is better low, an accuracy or F1 (``acc``, ``f1``) high. Registered as the OmegaConf resolver
+    ``tl.sweep_direction`` when this module is imported (``train.py`` imports it before Hydra composes),
+    for ``conf/hparams_search/optuna.yaml``'s ``hydra.sweeper.direction``.
+
+    Args:
+        monitor: The monitored metric (``monitor``).
+        monitor_mode: ``auto``, ``min`` or ``max`` (``monitor_mode``).
+
+    Returns:
+        ``"minimize"`` or ``"maximize"``.
+
+    Raises:
+        ValueError: On another ``monitor_mode``, or on ``auto`` with a metric whose name is neither a loss
+            nor an accuracy or F1 (naming the metric and the ``monitor_mode`` to set).
+
+    Example::
+
+        hydra:
+          sweeper:
+            direction: ${tl.sweep_direction:${monitor},${monitor_mode}}
+    """
+    if monitor_mode == "auto":
+        name = str(monitor).rsplit("/", 1)[-1].rsplit("_", 1)[-1]
+        monitor_mode = {"loss": "min", "acc": "max", "f1": "max"}.get(name, monitor_mode)
+        if monitor_mode == "auto":
+            raise ValueError(
+                f"hydra.sweeper.direction: monitor_mode=auto cannot tell whether monitor={monitor} is better "
+                f"high or low (only loss, acc and f1 are known); set monitor_mode=min or monitor_mode=max"
+            )
+    if monitor_mode not in SWEEP_DIRECTIONS:
+        raise ValueError(f"monitor_mode={monitor_mode!r} is not one of ['auto', 'min', 'max']")
+    return SWEEP_DIRECTIONS[monitor_mode]
+
+
+OmegaConf.register_new_resolver("tl.sweep_direction", sweep_direction, replace=True)
+
+
 def _check_moved_targets(cfg: DictConfig) -> None:
     """A config of the user's own that names a 0.1.0 import path fails here, naming today's path.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -23,6 +24,8 @@ class RunLock:
     atomically and complete (written to a private file, then hard-linked into place, which fails if
     the lock exists, like ``O_CREAT | O_EXCL``). A lock left by a dead process of this host is stale and
     taken over; a lock of a live process, or of another host (which cannot be checked), stops the run.
+    Runs racing for one stale lock judge and delete it one at a time, under an ``flock`` of that file,
+    so exactly one of them takes it over.
 
     Args:
         directory: The run directory; created if missing.
@@ -48,8 +51,8 @@ class RunLock:
             if self._create():
                 self._held = True
                 return self
-            holder = self._holder()
-            if not _is_stale(holder):
+            holder = self._remove_if_stale()
+            if holder is not None:
                 raise RunDirectoryLocked(
                     f"output directory {str(self.directory)!r} is in use by another run "
                     f"(pid {holder.get('pid')} on host {holder.get('host')!r}, "
@@ -57,7 +60,6 @@ class RunLock:
                     f"wait for it to finish or choose another paths.output_dir (hydra.run.dir); if that "
                     f"run is gone, delete {str(self.path)!r}"
                 )
-            self.path.unlink(missing_ok=True)
         raise RunDirectoryLocked(f"could not take the lock {str(self.path)!r}: another run took it first")
 
     def release(self) -> None:
@@ -89,16 +91,38 @@ class RunLock:
             private.unlink(missing_ok=True)
         return True
 
-    def _holder(self) -> dict:
+    def _remove_if_stale(self) -> dict | None:
+        """Delete the lock if its holder is stale; return the holder if it is not (``None``: try again).
+
+        The lock file is judged and deleted under an exclusive ``flock`` of it, and only if it is still
+        the file at ``self.path``: of runs that found the same stale lock, the first deletes it; the others
+        then find another file (the lock a run created since) or none there, and leave it.
+        """
         try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # vanished in between: its holder just released it
-        return holder if isinstance(holder, dict) else {}
+            with self.path.open("rb+") as handle:  # writable: NFS locks only writable files exclusively
+                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+                if not os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
+                    return None  # deleted by a run that judged it before us, and created anew
+                holder = _parse_holder(handle.read())
+                if not _is_stale(holder):
+                    return holder
+                self.path.unlink()
+        except FileNotFoundError:
+            pass  # released by its holder, or deleted by a run that judged it before us
+        return None
+
+
+def _parse_holder(text: bytes) -> dict:
+    """The holder a lock file names; ``{}`` if it names none (not this class's JSON object)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _is_stale(holder: dict) -> bool:
-    """Whether the lock's holder is a process of this host that no longer exists (or the lock vanished)."""
+    """Whether the lock's holder is a process of this host that no longer exists (or it names none)."""
     if not holder:
         return True
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
