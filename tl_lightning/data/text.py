@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tl_lightning.backbones import TextConfig
 from tl_lightning.data.base import ClassificationDataModule, EpochShuffleSampler, check_split, take_per_class
@@ -72,43 +72,65 @@ def pad_batch(
     return batch, torch.stack([torch.as_tensor(label) for _, label in samples])
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Training batches of texts of similar length, so dynamic padding adds little (HF ``group_by_length``).
+class LengthGroupedSampler(DistributedSampler):
+    """Training order in batches of similar length (HF ``group_by_length``), one shard per DDP process.
 
-    Every epoch: a permutation drawn from ``seed + epoch`` alone (resume-exact, like
-    :class:`EpochShuffleSampler`) is cut into chunks of ``group`` batches, each chunk is sorted by
-    length and cut into batches, and the batch order is shuffled. Every sample appears once per epoch.
+    Dynamic padding then adds little. Every epoch: a permutation drawn from ``seed + epoch`` alone
+    (resume-exact, like :class:`EpochShuffleSampler`), padded by repeating its first indices to a
+    multiple of ``num_replicas`` (as ``DistributedSampler`` does), is cut into chunks of ``group``
+    global batches of ``num_replicas * batch_size``; each chunk is sorted by length and cut into global
+    batches, whose order is shuffled (the one short global batch stays last). Rank ``r`` takes the
+    ``r``-th ``1 / num_replicas`` of every global batch: the ranks' shards are disjoint (but for the
+    fewer than ``num_replicas`` padding repeats) and give every rank the same number of batches. With
+    one replica every sample appears once per epoch.
+
+    It is a ``DistributedSampler`` so that Lightning calls its ``set_epoch`` (it is the loader's
+    ``sampler``) and, under DDP, keeps it instead of wrapping it in a sampler that would shard it again.
+    Give it to a ``DataLoader`` with ``batch_size=batch_size``: the order it yields is cut into exactly
+    the grouped batches.
 
     Args:
         lengths: Token count of every sample.
-        batch_size: Samples per batch.
+        batch_size: Samples per batch (per process).
         seed: Base seed; epoch ``e`` uses ``seed + e``.
-        group: Batches per sorted chunk (larger: less padding, less randomness).
+        group: Global batches per sorted chunk (larger: less padding, less randomness).
+        num_replicas: Number of processes (``trainer.world_size``).
+        rank: This process's rank (``trainer.global_rank``).
+
+    Example::
+
+        sampler = LengthGroupedSampler(lengths, batch_size=32, seed=0, num_replicas=2, rank=1)
+        loader = DataLoader(dataset, batch_size=32, sampler=sampler, collate_fn=collate)
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 50) -> None:
-        self.lengths, self.batch_size, self.seed, self.group, self.epoch = (
-            list(lengths),
-            batch_size,
-            seed,
-            group,
-            0,
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        group: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths, self.batch_size, self.group = list(lengths), batch_size, group
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        chunk, batches = self.batch_size * self.group, []
-        for start in range(0, len(order), chunk):
-            part = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
-            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
-        return iter([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]
+        step = self.num_replicas * self.batch_size
+        batches = []
+        for start in range(0, len(order), step * self.group):
+            part = sorted(order[start : start + step * self.group], key=self.lengths.__getitem__)
+            batches += [part[i : i + step] for i in range(0, len(part), step)]
+        tail = [batches.pop()] if len(batches[-1]) < step else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        shards = []
+        for batch in shuffled + tail:
+            size = len(batch) // self.num_replicas
+            shards += batch[self.rank * size : (self.rank + 1) * size]
+        return iter(shards)
 
 
 class TextDataModule(ClassificationDataModule):
@@ -127,8 +149,9 @@ class TextDataModule(ClassificationDataModule):
         subset_seed: Seed of the ``train_per_class`` draw; ``None`` uses ``split_seed``.
         shuffle_seed: Seed of the per-epoch training order.
         num_workers: ``DataLoader`` workers.
-        group_by_length: Form training batches of similar length (:class:`LengthGroupedBatchSampler`):
-            less padding, faster epochs, still a new random order every epoch.
+        group_by_length: Form training batches of similar length (:class:`LengthGroupedSampler`):
+            less padding, faster epochs, still a new random order every epoch (from ``shuffle_seed``
+            and the epoch); under DDP every process trains on its own shard.
 
     Raises:
         TypeError: If the backbone is not a text encoder (its ``data_config`` is no ``TextConfig``).
@@ -285,19 +308,19 @@ class TextDataModule(ClassificationDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
-        if shuffle and self.group_by_length:
+        sampler = None
+        if shuffle and self.group_by_length:  # sharded here under DDP: Lightning keeps a DistributedSampler
+            replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
             lengths = [len(tokens["input_ids"]) for tokens in dataset.encodings]
-            return DataLoader(
-                dataset,
-                batch_sampler=LengthGroupedBatchSampler(lengths, self.batch_size, self.shuffle_seed),
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-                collate_fn=self.collate_fn,
+            sampler = LengthGroupedSampler(
+                lengths, self.batch_size, self.shuffle_seed, num_replicas=replicas, rank=rank
             )
+        elif shuffle:
+            sampler = EpochShuffleSampler(len(dataset), self.shuffle_seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed) if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
@@ -325,9 +348,13 @@ def _check_labels(names: list[str], labels: np.ndarray, class_names: list[str], 
 def read_table(path: str | Path, text_column: str, label_column: str) -> Table:
     """Texts and labels (as strings) from a ``.csv``, ``.tsv`` or ``.jsonl`` file (``.bz2`` allowed).
 
+    Rows without a label (an empty cell, JSON ``null`` or no such key) are left out and counted in the
+    log (:func:`labelled_rows`).
+
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: On another suffix, or a column the file lacks (listing the columns it has).
+        ValueError: On another suffix, a column the file lacks (listing the columns it has), or no
+            labelled row (naming the file).
     """
     path = Path(path)
     if not path.is_file():
@@ -352,7 +379,66 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> Table:
             raise ValueError(
                 f"data.{key}={column!r} is not a column of {str(path)!r}; its columns: {columns}"
             )
-    return [row[text_column] for row in rows], [str(row[label_column]) for row in rows]
+    labels = [_file_label(row.get(label_column)) for row in rows]  # a JSON line may lack the key
+    texts = [row.get(text_column) for row in rows]
+    return labelled_rows(texts, labels, f"text file {str(path)!r}", label_column)
+
+
+def _file_label(value) -> str | None:
+    """A label cell as a class name; an empty (or blank) cell, JSON ``null`` or a missing field: ``None``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
+
+
+def labelled_rows(texts: Sequence, labels: Sequence[str | None], source: str, column: str) -> Table:
+    """The rows that have a label; rows without one (``None``) are left out, and the log counts them.
+
+    Args:
+        texts: One text per row.
+        labels: One class name per row, ``None`` where the row has no label.
+        source: Where the rows come from, for the messages (``"text file 'train.csv'"``, ``"imdb/test"``).
+        column: The label column, for the messages.
+
+    Raises:
+        ValueError: If no row has a label, naming ``source``, ``column`` and the number of rows.
+
+    Example::
+
+        texts, labels = labelled_rows(["fine", "bad"], ["pos", None], "text file 'a.csv'", "label")
+    """
+    keep = [i for i, label in enumerate(labels) if label is not None]
+    if not keep:
+        raise ValueError(
+            f"{source} has no labelled row: none of its {len(labels)} rows has a {column!r} label "
+            "(empty, null or -1 mean no label)"
+        )
+    if len(keep) < len(labels):
+        log.warning(
+            "%s: %d of %d rows have no %r label (empty, null or -1) and were left out",
+            source, len(labels) - len(keep), len(labels), column,
+        )  # fmt: skip
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def hf_labels(values: Sequence, names: Sequence[str] | None) -> list[str | None]:
+    """Class names of a Hugging Face label column, ``None`` for a row without a label.
+
+    ``ClassLabel`` integers (``names`` given) become their names and ``-1``, its "no label" (as in
+    GLUE's test splits), becomes ``None``; values of a plain column become strings (``-1`` is a class
+    there, as in a -1/+1 column). ``None`` is ``None`` in both.
+
+    Args:
+        values: The column's values.
+        names: ``ClassLabel.names``, or ``None`` for a plain column.
+
+    Example::
+
+        hf_labels([0, -1, 1], ["neg", "pos"])  # ["neg", None, "pos"]
+    """
+    if names:
+        return [None if y is None or y == -1 else names[y] for y in values]
+    return [None if y is None else str(y) for y in values]
 
 
 class TextFilesDataModule(TextDataModule):
@@ -360,7 +446,8 @@ class TextFilesDataModule(TextDataModule):
 
     Give ``train_file`` alone (stratified ``val_fraction``/``test_fraction`` splits are carved out
     of it) or with ``val_file`` and/or ``test_file``. Labels are read as strings; class names are
-    the sorted distinct labels of the training split.
+    the sorted distinct labels of the training split. Rows without a label (an empty cell, JSON
+    ``null``) are left out and counted in the log; a file without a labelled row stops the run.
 
     Args:
         data_config: The backbone's :class:`TextConfig`.
@@ -444,7 +531,10 @@ class HFDatasetDataModule(TextDataModule):
     """A Hugging Face ``datasets`` dataset by name (downloads; for a user's machine, not the tests).
 
     Its ``train`` split is used, with ``validation``/``test`` when present (else carved out of train).
-    Integer labels of a ``ClassLabel`` feature become their names.
+    Integer labels of a ``ClassLabel`` feature become their names; rows labelled ``-1`` (no label) or
+    ``None`` are left out and counted in the log (:func:`hf_labels`, :func:`labelled_rows`). A
+    validation or test split without any label (a benchmark's hidden test split, as in GLUE) counts
+    as missing; a training split without one stops the run.
 
     Args:
         data_config: The backbone's :class:`TextConfig`.
@@ -491,8 +581,15 @@ class HFDatasetDataModule(TextDataModule):
                         f"data.{key}={column!r} is not a column of {self.name}/{source}; "
                         f"its columns: {part.column_names}"
                     )
-            feature = part.features[self.label_column]
-            names = getattr(feature, "names", None)
-            labels = [names[y] if names else str(y) for y in part[self.label_column]]
-            tables[split] = (list(part[self.text_column]), labels)
+            names = getattr(part.features[self.label_column], "names", None)  # a ClassLabel's
+            labels = hf_labels(part[self.label_column], names)
+            where = "/".join(str(n) for n in (self.name, self.subset, source) if n)
+            if split != "train" and all(label is None for label in labels):
+                log.warning(
+                    "data=hf_dataset: %s has no labelled row (%d rows, a hidden test split?): left out, "
+                    "the %s split is carved out of train (data.%s_fraction)",
+                    where, len(labels), split, split,
+                )  # fmt: skip
+                continue
+            tables[split] = labelled_rows(list(part[self.text_column]), labels, where, self.label_column)
         return tables
