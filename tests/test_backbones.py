@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,31 @@ def test_unknown_model_names_are_rejected_with_choices():
         torchvision_backbone("resnet1000")
     with pytest.raises(ValueError, match="choices"):
         torchvision_backbone("resnet18", weights="NOPE")
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [("resnet9000", "resnet"), ("efficientnet_b99", "efficientnet"), ("ViT_base_patch16_22", "vit_base")],
+)
+def test_unknown_timm_names_offer_real_timm_names_close_to_them(name, family):
+    """Not an empty list: timm names that exist and resemble the name, and a pattern to see more."""
+    import timm
+
+    with pytest.raises(ValueError, match=f"backbone.model_name='{name}' is not a timm model") as raised:
+        timm_backbone(name)
+    message = str(raised.value)
+    offered = re.findall(r"'([a-z0-9_]+)'", message.split("closest timm names:")[1])
+    names = [n for n in offered if timm.is_model(n)]
+    assert len(names) >= 3 and all(family in n for n in names[:3]), message
+    assert "timm.list_models('*" in message
+
+
+def test_a_name_like_no_timm_name_says_so_and_how_to_list_them():
+    with pytest.raises(ValueError) as raised:
+        timm_backbone("qqqqzzzz")
+    message = str(raised.value)
+    assert "no timm name is close to it" in message and "timm.list_models(" in message
+    assert "[]" not in message, message
 
 
 def test_module_param_groups_are_named_and_split_decay():

@@ -21,9 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 
+from tl_lightning.modules import MLPHead
+from tl_lightning.run.config_checks import check_config
 from tl_lightning.run.lock import LOCK_NAME, RunDirectoryLocked
-from tl_lightning.run.pipeline import train
+from tl_lightning.run.pipeline import rebuild_module, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -224,3 +227,26 @@ def test_cli_bad_value_exits_non_zero_naming_the_key(tmp_path, overrides, messag
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("hidden", ["7", "[7]", "[7,5]", "0", "[0]", "[]", "2.5", "true", "[7,x]"])
+def test_every_head_hidden_the_config_check_allows_builds_that_head(make_cfg, hidden):
+    """``head.hidden`` takes what its check says ("an integer >= 1 (or a list of them)"): a scalar is one
+    hidden layer; a form refused is refused by the check and by ``MLPHead`` alike, naming the key."""
+    cfg = make_cfg("backbone=small_cnn", "head=mlp", f"head.hidden={hidden}")
+    value = OmegaConf.to_container(cfg, resolve=True)["head"]["hidden"]
+    try:
+        check_config(cfg)
+    except ValueError as error:
+        assert "head.hidden" in str(error)
+        with pytest.raises(ValueError, match=r"head\.hidden must be a positive integer .* got"):
+            MLPHead(16, 3, hidden=value)
+        return
+    head = rebuild_module(OmegaConf.to_container(cfg, resolve=True), num_classes=3).heads["target"]
+    widths = [layer.out_features for layer in head if isinstance(layer, torch.nn.Linear)]
+    assert widths == [*([value] if isinstance(value, int) else value), 3]
+
+
+def test_a_scalar_head_hidden_trains(make_cfg, tmp_path):
+    train(make_cfg("backbone=small_cnn", "strategy=full_finetune", "head=mlp", "head.hidden=7"))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]

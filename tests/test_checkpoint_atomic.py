@@ -8,6 +8,7 @@ checkpoint left must load, nothing may be left in ``TMPDIR``, and the resumed ru
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -17,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 
-from tl_lightning.run.checkpointing import TMP_SUFFIX, load_checkpoint
+from tl_lightning.run.checkpointing import TMP_SUFFIX, AtomicCheckpointIO, load_checkpoint
 from tl_lightning.run.lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,3 +123,66 @@ def test_kill_during_checkpoint_writes_keeps_last_complete_checkpoint(run_root, 
     assert not (run_dir / LOCK_NAME).exists()
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 4
     assert _orphans(tmpdir) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (needs root): a file system that really fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("running as root without permission to mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+class _FillDisk(pl.Callback):
+    """At the start of epoch 1, write zeros next to the checkpoints until the file system is full."""
+
+    def __init__(self, filler: Path) -> None:
+        self.filler = filler
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != 1:
+            return
+        with open(self.filler, "wb", buffering=0) as f:
+            try:
+                while f.write(b"\0" * 4096):
+                    pass
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+
+
+def test_a_full_disk_names_itself_and_keeps_the_previous_checkpoint(small_fs):
+    """A checkpoint write on a full file system: ENOSPC naming the file system and the checkpoint,
+    saying the previous one is kept; it is, unchanged and loadable, and no partial file is left."""
+    checkpoints = small_fs / "checkpoints"
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            _FillDisk(small_fs / "filler"),
+            ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False),
+        ],
+        default_root_dir=small_fs,
+    )
+    with pytest.raises(OSError) as raised:
+        trainer.fit(BoringModel())
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC
+    assert f"no space left on the file system mounted at {small_fs}" in message, message
+    assert f"while writing checkpoint {checkpoints / 'last.ckpt'}" in message, message
+    assert "previous checkpoint last.ckpt there is kept" in message, message
+    assert "enforce fail" not in message
+    (small_fs / "filler").unlink()
+    assert load_checkpoint(checkpoints / "last.ckpt")["epoch"] == 0
+    assert list(checkpoints.glob(f".*{TMP_SUFFIX}")) == []

@@ -1,6 +1,8 @@
 """A trained checkpoint rebuilds its model, classifies new image files, and exports to safetensors/ONNX."""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import CONF_DIR, FAST
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -251,3 +254,61 @@ def test_bad_prediction_inputs_are_named(checkpoint, digit_files, tmp_path):
 def test_unknown_export_format_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match=r"format='tflite' is not one of \['safetensors', 'onnx'\]"):
         export_checkpoint(tmp_path / "not-even-there.ckpt", "tflite", tmp_path / "model.tflite")
+
+
+# Runs that train more than one classifier: a domain pair (DANN) and two tasks, digits only (fast).
+NOT_SINGLE_TASK = {
+    "dann": [
+        "data=mnist5k_to_digits",
+        "strategy=dann",
+        "data.source._target_=tl_lightning.data.DigitsDataModule",
+    ],
+    "multitask": [
+        "data=mnist5k_fashion",
+        "strategy=multitask",
+        "~data.tasks.fashion",
+        "data.tasks.digit._target_=tl_lightning.data.DigitsDataModule",
+        "+data.tasks.scan._target_=tl_lightning.data.DigitsDataModule",
+        "+data.tasks.scan._partial_=true",
+    ],
+}
+
+
+def _train_small(run_dir: Path, *overrides: str) -> Path:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[*FAST, "backbone=small_cnn", f"paths.output_dir={run_dir}", *overrides]
+        )
+    train(cfg)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(NOT_SINGLE_TASK))
+def test_multi_task_and_domain_pair_checkpoints_say_what_predict_and_export_take(kind, digit_files, tmp_path):
+    """predict.py and export.py refuse them naming the checkpoint, what they support and what to do; the
+    domain-pair advice (a single-task run from its backbone) is followed here and that run predicts."""
+    checkpoint = _train_small(tmp_path / kind, *NOT_SINGLE_TASK[kind])
+    paths, _ = digit_files
+    calls = {
+        "predict": lambda: predict_to_file(checkpoint, paths[:2], tmp_path / "p.csv", top_k=2, device="cpu"),
+        "export": lambda: export_checkpoint(checkpoint, "safetensors", tmp_path / "m.safetensors"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as raised:
+            call()
+        message = str(raised.value)
+        assert str(checkpoint) in message and f"strategy={kind}" in message, (name, message)
+        assert "support single-task checkpoints only" in message and "TransferModule" in message, message
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.safetensors").exists()
+    if kind == "multitask":
+        assert (
+            "digit: tl_lightning.data.DigitsDataModule, scan: tl_lightning.data.DigitsDataModule" in message
+        )
+        assert "train that task as a single-task run" in message
+        return
+    advice = re.search(r"python train\.py (.*), and predict", message).group(1)
+    overrides = shlex.split(advice.replace("data=<the target data>", "data=digits"))
+    follow_up = _train_small(tmp_path / "follow_up", *overrides)
+    rows = predict(load_trained(follow_up), paths[:2], top_k=2, device="cpu")
+    assert [r["path"] for r in rows] == [str(p) for p in paths[:2]]

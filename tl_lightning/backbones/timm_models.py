@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
+import re
 from pathlib import Path
 
 import timm
@@ -138,17 +140,31 @@ def timm_backbone(model_name: str, pretrained: bool = False, cut_at: str | None 
         **kwargs: Passed to ``timm.create_model`` (e.g. ``drop_rate``).
 
     Raises:
-        ValueError: If ``model_name`` is not a timm model; the message shows close names.
+        ValueError: If ``model_name`` is not a timm model; the message shows the closest timm names,
+            or says there are none and how to list them.
         RuntimeError: If ``pretrained`` weights are not cached and the machine is offline.
         ValueError: If ``cut_at`` is not a layer group, listing the groups.
     """
     if not timm.is_model(model_name):
-        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:10]
-        raise ValueError(f"backbone.model_name={model_name!r} is not a timm model; close names: {close}")
+        raise ValueError(
+            f"backbone.model_name={model_name!r} is not a timm model; {_close_names(model_name)}"
+        )
     if pretrained:
         _require_cached_or_online(model_name)
     model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     return _from_timm(model, model_name, keep_source_head=pretrained, cut_at=cut_at)
+
+
+def _close_names(model_name: str) -> str:
+    """The timm names closest to ``model_name`` (difflib over ``timm.list_models()``), or how to list them."""
+    close = difflib.get_close_matches(model_name.lower(), timm.list_models(), n=10, cutoff=0.6)
+    if not close:
+        return (
+            'no timm name is close to it; list the names with python -c "import timm; '
+            "print(timm.list_models())\", or those matching a pattern: timm.list_models('*resnet*')"
+        )
+    family = re.match(r"[a-z]+", close[0])[0]
+    return f"closest timm names: {close}; more of them with timm.list_models('*{family}*')"
 
 
 def _hf_cached(repo_id: str, filenames: tuple[str, ...]) -> bool:

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 #: how Pillow opens 16-bit PNGs and TIFFs. ``I`` values above 65535 are scaled as 32-bit instead.
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 UINT16_MAX, INT32_MAX = 65535.0, float(2**31 - 1)
+#: File suffixes read as images, by training (``data=image_folder``) and by ``predict.py`` alike:
+#: torchvision's ``IMG_EXTENSIONS`` and GIF (its first frame).
+IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif"}))
 
 
 def to_rgb8(image: Image.Image, source: str = "image") -> Image.Image:
@@ -56,11 +59,30 @@ def to_rgb8(image: Image.Image, source: str = "image") -> Image.Image:
     return Image.fromarray(pixels, mode="L").convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open, fully decode and convert an image file to 8-bit RGB (see :func:`to_rgb8`)."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb8(image, path)
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open, fully decode and convert an image file to 8-bit RGB (see :func:`to_rgb8`).
+
+    The one way this project reads an image file: training, evaluation, the feature cache and
+    ``predict.py`` all go through it, so a file means the same pixels everywhere (a palette image's
+    colours, not its indices; alpha dropped; 16-bit levels scaled).
+
+    Args:
+        path: The image file.
+
+    Raises:
+        ValueError: If the file cannot be decoded (not an image, truncated, a decompression bomb) or
+            holds float pixels outside ``[0, 1]``, naming the file.
+
+    Example::
+
+        rgb = load_rgb("photos/cat/0001.gif")  # mode "RGB", whatever the file's mode
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb8(image, str(path))  # its own ValueError names the file
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {str(path)!r}: {error}") from error
 
 
 def inspect_image(path: str) -> tuple[str | None, str]:
@@ -138,7 +160,7 @@ def _walk_files(folder: Path, skipped_links: list[str]) -> list[str]:
             os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))
         )
         found.extend(
-            os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)
+            os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)
         )
     return found
 

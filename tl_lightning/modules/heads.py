@@ -47,12 +47,12 @@ class MLPHead(nn.Sequential):
     Args:
         in_features: Size of the backbone's features.
         num_classes: Number of target classes.
-        hidden: Width of each hidden layer.
+        hidden: Width of each hidden layer; one integer is one hidden layer (``512`` = ``[512]``).
         dropout: Dropout probability after each hidden layer.
 
     Raises:
-        ValueError: If ``hidden`` is empty or holds a non-positive width, or ``dropout`` is
-            outside ``[0, 1)``.
+        ValueError: If ``hidden`` is not a positive integer or a non-empty list of them, or
+            ``dropout`` is outside ``[0, 1)``.
 
     Example::
 
@@ -60,17 +60,20 @@ class MLPHead(nn.Sequential):
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, hidden: Sequence[int] = (512,), dropout: float = 0.2
+        self, in_features: int, num_classes: int, hidden: int | Sequence[int] = (512,), dropout: float = 0.2
     ) -> None:
         _check_sizes(in_features, num_classes)
-        hidden = list(hidden)
-        if not hidden or min(hidden) <= 0:
-            raise ValueError(f"head.hidden must be non-empty positive widths, got {hidden}")
+        widths = list(hidden) if isinstance(hidden, Sequence) else [hidden]
+        if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+            raise ValueError(
+                f"head.hidden must be a positive integer (one hidden layer) or a non-empty list of them "
+                f"(one layer each), e.g. head.hidden=512 or head.hidden=[512,256]; got {hidden!r}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"head.dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = []
         width = in_features
-        for size in hidden:
+        for size in widths:
             layers += [nn.Linear(width, size), nn.GELU(), nn.Dropout(dropout)]
             width = size
         super().__init__(*layers, nn.Linear(width, num_classes))

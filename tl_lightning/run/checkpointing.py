@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -62,7 +63,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A kill or a full disk mid-write leaves the destination as it was (the previous complete
     checkpoint, or nothing) and at worst a partial file in the same directory, which
-    ``remove_partial_checkpoints`` deletes at the start of the next run.
+    ``remove_partial_checkpoints`` deletes at the start of the next run. A full disk (or quota)
+    raises an ``OSError`` (``ENOSPC``/``EDQUOT``) naming the file system and the checkpoint and
+    saying that the previous checkpoint is kept, instead of torch's ``unexpected pos`` error.
 
     Example::
 
@@ -84,10 +87,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, destination)
-        except BaseException:
+        except BaseException as error:
+            written = partial.stat().st_size if partial.exists() else 0
             partial.unlink(missing_ok=True)
-            raise
+            full = _out_of_space(error)
+            if full is None:
+                raise
+            raise OSError(full.errno, _out_of_space_message(full.errno, destination, written)) from error
         _fsync_directory(destination.parent)
+
+
+def _out_of_space(error: BaseException) -> OSError | None:
+    """The ``ENOSPC``/``EDQUOT`` error behind ``error`` (torch's writer replaces it with a RuntimeError)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _out_of_space_message(code: int, destination: Path, written: int) -> str:
+    mount = destination.parent.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    problem = "no space left" if code == errno.ENOSPC else "disk quota exceeded"
+    kept = (
+        f"the previous checkpoint {destination.name} there is kept, unchanged"
+        if destination.exists()
+        else f"no file was written at {destination.name}"
+    )
+    return (
+        f"{problem} on the file system mounted at {mount} while writing checkpoint {destination} "
+        f"(stopped after {written:,} bytes of it); {kept}. Free space there (or write the run to "
+        "another disk, paths.output_dir=...) and resume from the last checkpoint with ckpt_path=..."
+    )
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -14,21 +14,26 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.data.base import as_data_config
+from tl_lightning.data.base import ClassificationDataModule, as_data_config
+from tl_lightning.data.grayscale import GrayscaleDataModule
+from tl_lightning.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb8
+from tl_lightning.modules import DomainAdaptationModule, MultiTaskModule
 from tl_lightning.run.checkpointing import METADATA_KEY, load_checkpoint, upgrade_metadata
 from tl_lightning.run.pipeline import rebuild_module, rebuild_transform
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the files a run's image_folder data module reads
 LIST_SUFFIXES = (".txt",)
 OUTPUT_SUFFIXES = (".csv", ".json")
 _METADATA_FIELDS = ("config", "class_names", "data_config")
@@ -54,12 +59,41 @@ class TrainedModel:
     metadata: dict
 
     def transform(self) -> Callable:
-        """PIL image -> normalised tensor, as the run's data module prepared its evaluation images."""
-        return rebuild_transform(self.metadata["config"], self.metadata["data_config"])
+        """PIL image (any mode) -> normalised tensor, as the run's data module prepared its evaluation images.
+
+        The image is first brought to 8-bit RGB by :func:`~tl_lightning.data.images.to_rgb8`, the
+        conversion training applies to every file it reads (a palette image's colours, not its
+        indices; alpha dropped; 16-bit levels scaled), then handed to the data module's
+        ``eval_transform``. The grayscale data modules (digits, MNIST-5k, Fashion-MNIST) learn from
+        grey levels, so for them it is reduced to its luma first (ITU-R 601-2, Pillow's ``"L"``),
+        which keeps a grey picture's levels exactly.
+        """
+        config = self.metadata["config"]
+        evaluate = rebuild_transform(config, self.metadata["data_config"])
+        grey = issubclass(_data_class(config) or object, GrayscaleDataModule)
+        return partial(_prepare, evaluate=evaluate, grey=grey)
 
     def serving_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a server needs (backbone and target head), contiguous, by name."""
         return {k: v.contiguous() for k, v in self.module.state_dict().items()}
+
+
+def _prepare(image: Image.Image, evaluate: Callable, grey: bool) -> torch.Tensor:
+    rgb = to_rgb8(image)
+    return evaluate(rgb.convert("L") if grey else rgb)
+
+
+def _data_class(config: dict) -> type | None:
+    """The class the stored ``data._target_`` names (``None``: no target, or not importable)."""
+    return _class_of((config.get("data") or {}).get("_target_"))
+
+
+def _class_of(target: str | None) -> type | None:
+    try:
+        found = get_class(target) if target else None
+    except (ImportError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
 
 
 def load_trained(path: str | Path) -> TrainedModel:
@@ -72,7 +106,8 @@ def load_trained(path: str | Path) -> TrainedModel:
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the file is corrupt, lacks the ``tl_lightning`` metadata (or one of its
-            fields), or holds weights of another model; the message names the file.
+            fields), holds weights of another model, or is a multi-task or domain-adaptation run
+            (only single-task checkpoints classify images); the message names the file.
 
     Example::
 
@@ -86,6 +121,7 @@ def load_trained(path: str | Path) -> TrainedModel:
         checkpoint = load_checkpoint(path)
         metadata, state_dict = checkpoint.get(METADATA_KEY), checkpoint.get("state_dict")
     _check_metadata(metadata, state_dict, path)
+    _check_single_task(metadata, path)
     try:
         module = rebuild_module(metadata["config"], len(metadata["class_names"]))
     except Exception as error:  # Hydra wraps the factory's error; add which file's config failed
@@ -129,6 +165,56 @@ def _check_metadata(metadata: dict | None, state_dict: dict | None, path: Path) 
         )
     if not isinstance(state_dict, dict) or not state_dict:
         raise ValueError(f"{str(path)!r} holds no 'state_dict' weights")
+
+
+def _check_single_task(metadata: dict, path: Path) -> None:
+    """Stop on a multi-task or domain-pair run: say what predict.py/export.py take and what to do instead."""
+    config = metadata["config"]
+    data = config.get("data") or {}
+    data_class = _data_class(config)
+    module_class = _class_of((config.get("module") or {}).get("_target_")) or object
+    multi_task = issubclass(module_class, MultiTaskModule) or isinstance(data.get("tasks"), dict)
+    domain_pair = issubclass(module_class, DomainAdaptationModule)
+    single_data = data_class is None or issubclass(data_class, ClassificationDataModule)
+    if single_data and not (multi_task or domain_pair):
+        return  # a single-task run (rebuild_transform names a data class it cannot use)
+    supported = (
+        f"{str(path)!r} is a checkpoint of strategy={metadata.get('strategy')} (module "
+        f"{config['module'].get('_target_')}, data {data.get('_target_')}): predict.py and export.py "
+        "support single-task checkpoints only, a tl_lightning.modules.TransferModule trained on one image "
+        "data module (data=digits|mnist5k|fashion_mnist|image_folder|torchvision). "
+    )
+    if multi_task:
+        tasks = ", ".join(f"{name}: {(n or {}).get('_target_')}" for name, n in data.get("tasks", {}).items())
+        raise ValueError(
+            supported + f"To classify the images of one of its tasks ({tasks}), train that task as a "
+            "single-task run on its own data module (e.g. python train.py data=mnist5k "
+            "strategy=full_finetune) and predict with or export that run's checkpoint"
+        )
+    node = config.get("backbone") or {}
+    while isinstance(node.get("backbone"), dict):  # a backbone=source_checkpoint run: its inner backbone
+        node = node["backbone"]
+    backbone = " ".join(
+        f"++backbone.backbone.{key}={_override(value)}" for key, value in node.items() if key != "pretrained"
+    )
+    target = (data.get("target") or {}).get("_target_")
+    raise ValueError(
+        supported + f"To classify target-domain images ({target}), train a single-task run on that data "
+        "starting from this run's adapted backbone, e.g. python train.py data=<the target data> "
+        f"strategy=linear_probe backbone=source_checkpoint backbone.path={path} {backbone}, and predict with "
+        "or export that run's checkpoint"
+    )
+
+
+def _override(value) -> str:
+    """``value`` as a Hydra command-line override value (scalars and lists of them)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -186,18 +272,34 @@ def _expand(path: Path, source: str) -> Iterator[Path]:
         )
 
 
-def read_image(path: Path) -> Image.Image:
-    """Decode ``path`` fully (a truncated file fails here, not later).
+def prepare_images(model: TrainedModel, paths: Sequence[Path]) -> torch.Tensor:
+    """The ``(len(paths), C, S, S)`` model inputs :func:`predict` feeds for ``paths``.
+
+    Every file is decoded by :func:`~tl_lightning.data.images.load_rgb`, the function the run's
+    data modules read image files with, then prepared by :meth:`TrainedModel.transform`, so a file
+    gives the tensor the run's evaluation gives it, whatever its mode (palette, RGBA, LA, CMYK, L,
+    16-bit, RGB).
+
+    Args:
+        model: From :func:`load_trained`.
+        paths: Image files.
 
     Raises:
-        ValueError: If the file cannot be decoded, naming it.
+        ValueError: If a file cannot be decoded or prepared, naming it.
+
+    Example::
+
+        inputs = prepare_images(load_trained("run/checkpoints/last.ckpt"), [Path("cat.gif")])
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read image {str(path)!r}: {error}") from error
+    transform = model.transform()
+    images = []
+    for path in paths:
+        image = load_rgb(path)  # names the file when it cannot be decoded
+        try:
+            images.append(transform(image))
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(f"cannot prepare image {str(path)!r} as the run did: {error}") from error
+    return torch.stack(images)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -241,11 +343,11 @@ def predict(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     target = resolve_device(device)
-    module, transform = model.module.to(target), model.transform()
+    module = model.module.to(target)
     rows = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        images = torch.stack([transform(read_image(p)) for p in chunk]).to(target)
+        images = prepare_images(model, chunk).to(target)
         top = module(images).float().softmax(dim=-1).topk(top_k, dim=-1)
         for path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
             ranked = [
