@@ -299,3 +299,16 @@ def test_cached_features_follow_the_backbones_weights():
             parameter.sub_(0.1)  # modified, but back to the weights the first features came from
     restored = data.features("test")
     assert torch.allclose(restored.tensors[0], first.tensors[0], atol=1e-5)
+
+
+def test_the_cache_feeds_a_bf16_true_backbone_inputs_of_its_dtype(make_cfg):
+    """``precision=bf16-true`` casts the model before the loaders are built: extraction follows its dtype."""
+    cfg = make_cfg(
+        "backbone=small_cnn",
+        "backbone.channels=[8,16]",
+        "strategy=linear_probe",
+        "+trainer.precision=bf16-true",
+    )
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["feature_cache"] == "memory" and metrics["test"]["test/loss"] is not None

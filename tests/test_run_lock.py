@@ -3,9 +3,11 @@
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,22 @@ def test_lock_file_naming_no_holder_is_taken_over(tmp_path):
     (tmp_path / "run" / LOCK_NAME).write_bytes(b"\xff\xfe not a holder")
     with RunLock(tmp_path / "run"):
         assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_live_lock_of_another_user_is_named_not_called_unwritable():
+    """A user who may not write another user's lock file still reads who holds the directory."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as a second user")
+    shared = Path(tempfile.mkdtemp(prefix="tl-lock-"))  # not under tmp_path: that is private to root
+    try:
+        shared.chmod(0o777)
+        held = RunLock(shared / "run").acquire()
+        (shared / "run").chmod(0o777)
+        assert (shared / "run" / LOCK_NAME).stat().st_mode & 0o777 == 0o644  # root's, not writable by others
+        code = f"from tl_lightning.run.lock import RunLock; RunLock({str(shared / 'run')!r}).acquire()"
+        other_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        result = subprocess.run([*other_user, sys.executable, "-c", code], capture_output=True, text=True)
+        assert "RunDirectoryLocked" in result.stderr and f"pid {os.getpid()}" in result.stderr, result.stderr
+        held.release()
+    finally:
+        shutil.rmtree(shared)

@@ -441,3 +441,33 @@ def test_unsupported_sentence_transformers_pooling_is_refused(tmp_path, tiny_ber
     ):
         hf_encoder(str(path))
     assert hf_encoder(str(path), pooling="mean").pooling == "mean"  # an explicit pooling overrides it
+
+
+def test_a_checkpoint_keeps_the_pooling_it_was_trained_with(tmp_path, tiny_bert, distinct_reviews):
+    """A run recorded with ``pooling: auto`` that resolved to mean (what versions before sentence-transformers
+    configs were read did with any folder): the rebuild keeps mean, and a resume that would pool otherwise
+    stops naming the key, instead of continuing another function of the same weights."""
+    from tl_lightning.run.pipeline import rebuild_module, train
+
+    model = _sentence_model(tmp_path, tiny_bert, {"pooling_mode_max_tokens": True})
+    fast = ["strategy=full_finetune", "trainer.max_epochs=1", "+trainer.limit_train_batches=2"]
+    train(_cfg(tmp_path / "run", model, distinct_reviews, "backbone.pooling=mean", *fast))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    stored["tl_lightning"]["config"]["backbone"]["pooling"] = "auto"  # as such a run recorded it
+    torch.save(stored, checkpoint)
+    metadata = stored["tl_lightning"]
+    assert metadata["data_config"]["pooling"] == "mean"
+    rebuilt = rebuild_module(metadata["config"], 2, metadata["data_config"])
+    assert rebuilt.backbone.data_config.pooling == "mean"
+    assert rebuild_module(metadata["config"], 2).backbone.data_config.pooling == "max"  # what auto says now
+    resume = _cfg(tmp_path / "resume", model, distinct_reviews, f"ckpt_path={checkpoint}", *fast)
+    with pytest.raises(ValueError, match=r"pooling: 'mean' in the checkpoint, 'max' now.*backbone\.pooling"):
+        train(resume)
+
+
+def test_blank_labels_of_a_plain_hf_column_are_no_label(tiny_bert):
+    """As in text files, an empty or blank string in a plain (non-ClassLabel) column is no label."""
+    from tl_lightning.data.text import hf_labels
+
+    assert hf_labels(["pos", "", "  ", None, "neg", -1], None) == ["pos", None, None, None, "neg", "-1"]

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 #: how Pillow opens 16-bit PNGs and TIFFs. ``I`` values above 65535 are scaled as 32-bit instead.
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 UINT16_MAX, INT32_MAX = 65535.0, float(2**31 - 1)
-#: File suffixes read as images, by training (``data=image_folder``) and by ``predict.py`` alike:
-#: torchvision's ``IMG_EXTENSIONS`` and GIF (its first frame).
-IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif"}))
+#: File suffixes ``data=image_folder`` reads as images: torchvision's ``IMG_EXTENSIONS`` (no GIF, so that
+#: the files, and so the splits, of an existing folder never change); ``predict.py`` also takes GIFs.
+IMAGE_EXTENSIONS = IMG_EXTENSIONS
 
 
 def to_rgb8(image: Image.Image, source: str = "image") -> Image.Image:
@@ -129,9 +129,9 @@ def find_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
         ValueError: If one real file is in two class folders, naming both.
     """
     owner: dict[str, tuple[str, str]] = {}
-    samples, repeats, skipped_links = [], 0, []
+    samples, repeats, skipped_links, skipped_gifs = [], 0, [], []
     for label, name in enumerate(classes):
-        for path in _walk_files(root / name, skipped_links):
+        for path in _walk_files(root / name, skipped_links, skipped_gifs):
             real = os.path.realpath(path)
             first_class, first_path = owner.setdefault(real, (name, path))
             if first_class != name:
@@ -149,10 +149,18 @@ def find_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
         )
     if repeats:
         log.warning("kept once each %d files reached twice through links under %s", repeats, root)
+    if skipped_gifs:
+        log.warning(
+            "left out %d GIF files under %s (first: %s): image folders read %s only",
+            len(skipped_gifs),
+            root,
+            skipped_gifs[0],
+            ", ".join(IMAGE_EXTENSIONS),
+        )
     return samples
 
 
-def _walk_files(folder: Path, skipped_links: list[str]) -> list[str]:
+def _walk_files(folder: Path, skipped_links: list[str], skipped_gifs: list[str]) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames.sort()
@@ -162,6 +170,7 @@ def _walk_files(folder: Path, skipped_links: list[str]) -> list[str]:
         found.extend(
             os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)
         )
+        skipped_gifs.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(".gif"))
     return found
 
 

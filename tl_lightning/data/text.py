@@ -385,7 +385,10 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> Table:
 
 
 def _file_label(value) -> str | None:
-    """A label cell as a class name; an empty (or blank) cell, JSON ``null`` or a missing field: ``None``."""
+    """A label cell as a class name; an empty (or blank) cell, JSON ``null`` or a missing field: ``None``.
+
+    Text files and plain Hugging Face label columns share this rule.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return str(value)
@@ -426,7 +429,7 @@ def hf_labels(values: Sequence, names: Sequence[str] | None) -> list[str | None]
 
     ``ClassLabel`` integers (``names`` given) become their names and ``-1``, its "no label" (as in
     GLUE's test splits), becomes ``None``; values of a plain column become strings (``-1`` is a class
-    there, as in a -1/+1 column). ``None`` is ``None`` in both.
+    there, as in a -1/+1 column) and, as in text files, ``None`` or an empty or blank string is ``None``.
 
     Args:
         values: The column's values.
@@ -438,7 +441,7 @@ def hf_labels(values: Sequence, names: Sequence[str] | None) -> list[str | None]
     """
     if names:
         return [None if y is None or y == -1 else names[y] for y in values]
-    return [None if y is None else str(y) for y in values]
+    return [_file_label(y) for y in values]
 
 
 class TextFilesDataModule(TextDataModule):

@@ -189,8 +189,13 @@ def run_metadata(config: dict, strategy: str, class_names: list[str], data_confi
         "config": config,
         "strategy": strategy,
         "class_names": [str(c) for c in class_names],
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "data_config": plain_data_config(data_config),
     }
+
+
+def plain_data_config(data_config: dict) -> dict:
+    """A backbone's preprocessing (``data_config.as_dict()``) as a checkpoint stores it: tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
 
 
 def moved_path(target: str) -> str | None:

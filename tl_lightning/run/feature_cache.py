@@ -192,10 +192,20 @@ def _device_of(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _to(inputs: torch.Tensor | Mapping[str, torch.Tensor], device: torch.device):
+def _floating_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's floating-point weights (``bfloat16`` under ``precision=bf16-true``)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
+def _to(inputs: torch.Tensor | Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    """Inputs on ``device``; floating-point ones (images, not token ids or masks) in ``dtype``."""
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+
     if isinstance(inputs, Mapping):
-        return {key: value.to(device) for key, value in inputs.items()}
-    return inputs.to(device)
+        return {key: move(value) for key, value in inputs.items()}
+    return move(inputs)
 
 
 @torch.no_grad()
@@ -207,14 +217,14 @@ def _embed(
     collate: Collate | None = None,
 ) -> TensorDataset:
     """Features (on the CPU) and labels of ``dataset``, computed batch by batch on ``device`` in eval mode."""
-    home = _device_of(backbone)
+    home, dtype = _device_of(backbone), _floating_dtype(backbone)
     features, labels = [], []
     with eval_mode(backbone):
         try:
             backbone.to(device)
             for inputs, targets in _batches(dataset, batch_size, collate):
                 # copy: never a view of the reused buffer
-                features.append(backbone(_to(inputs, device)).to("cpu", copy=True))
+                features.append(backbone(_to(inputs, device, dtype)).to("cpu", copy=True))
                 labels.append(targets)
         finally:
             backbone.to(home)
@@ -300,7 +310,9 @@ class CachedFeatureDataModule(ClassificationDataModule):
     the run was built with, not the checkpoint's (a merged checkpoint tested with the pretrained
     backbone). Each split remembers the :func:`weights_fingerprint` it was extracted from and is
     extracted again when the backbone's weights differ (the content is hashed only when a tensor was
-    modified or replaced since the last request, so unchanged weights cost no hashing). Extraction runs
+    modified or replaced since the last request, so unchanged weights cost no hashing; a write through
+    ``parameter.data``, which bypasses the version counter, is not seen: write the tensor itself, under
+    ``torch.no_grad()``, or use ``load_state_dict``). Extraction runs
     on the trainer's device when a trainer is attached, in batches of the wrapped data module's
     ``batch_size`` (collated by its ``collate_fn`` when it has one, as text data modules do).
 

@@ -33,7 +33,7 @@ from tl_lightning.run.checkpointing import METADATA_KEY, load_checkpoint, upgrad
 from tl_lightning.run.pipeline import rebuild_module, rebuild_transform
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the files a run's image_folder data module reads
+IMAGE_SUFFIXES = (*IMAGE_EXTENSIONS, ".gif")  # image folders' files, and GIFs (their first frame)
 LIST_SUFFIXES = (".txt",)
 OUTPUT_SUFFIXES = (".csv", ".json")
 _METADATA_FIELDS = ("config", "class_names", "data_config")
@@ -123,7 +123,7 @@ def load_trained(path: str | Path) -> TrainedModel:
     _check_metadata(metadata, state_dict, path)
     _check_single_task(metadata, path)
     try:
-        module = rebuild_module(metadata["config"], len(metadata["class_names"]))
+        module = rebuild_module(metadata["config"], len(metadata["class_names"]), metadata["data_config"])
     except Exception as error:  # Hydra wraps the factory's error; add which file's config failed
         raise ValueError(
             f"{str(path)!r}: cannot rebuild the model its stored config describes: {error}"

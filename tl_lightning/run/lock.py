@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 LOCK_NAME = ".run.lock"
 
@@ -99,7 +100,7 @@ class RunLock:
         then find another file (the lock a run created since) or none there, and leave it.
         """
         try:
-            with self.path.open("rb+") as handle:  # writable: NFS locks only writable files exclusively
+            with self._open_lock_file() as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
                 if not os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
                     return None  # deleted by a run that judged it before us, and created anew
@@ -110,6 +111,14 @@ class RunLock:
         except FileNotFoundError:
             pass  # released by its holder, or deleted by a run that judged it before us
         return None
+
+    def _open_lock_file(self) -> BinaryIO:
+        """The lock file, writable where we may write it (NFS locks only writable files exclusively),
+        else read-only (another user's lock: still judged, and a live one named)."""
+        try:
+            return self.path.open("rb+")
+        except PermissionError:
+            return self.path.open("rb")
 
 
 def _parse_holder(text: bytes) -> dict:

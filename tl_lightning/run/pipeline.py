@@ -28,6 +28,7 @@ from tl_lightning.run.checkpointing import (
     AtomicCheckpointIO,
     RunMetadata,
     load_checkpoint,
+    plain_data_config,
     remove_partial_checkpoints,
     run_metadata,
 )
@@ -326,7 +327,7 @@ def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> to
     return instantiate(head_cfg, in_features=num_features, num_classes=num_classes)
 
 
-def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
+def rebuild_module(config: dict, num_classes: int, data_config: dict | None = None) -> torch.nn.Module:
     """The module a run's resolved config describes, to load a trained checkpoint into.
 
     The checkpoint holds every weight, so the backbone is built with ``pretrained=false`` (nothing
@@ -339,6 +340,9 @@ def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
     Args:
         config: ``checkpoint["tl_lightning"]["config"]`` (plain data, interpolations resolved).
         num_classes: Number of target classes (``len(class_names)``).
+        data_config: ``checkpoint["tl_lightning"]["data_config"]``: a text backbone recorded with
+            ``pooling: auto`` is rebuilt with the pooling the run resolved and trained with, not the
+            one ``auto`` would resolve to today.
 
     Raises:
         ValueError: If ``config`` lacks the ``backbone``, ``head`` or ``module`` node, naming it.
@@ -352,6 +356,8 @@ def rebuild_module(config: dict, num_classes: int) -> torch.nn.Module:
         node = node.backbone
     if "pretrained" in node and cfg.get("adapter") is None:
         node = OmegaConf.merge(node, {"pretrained": False})
+    if node.get("pooling") == "auto" and (data_config or {}).get("pooling"):
+        node = OmegaConf.merge(node, {"pooling": data_config["pooling"]})
     backbone = _with_adapter(cfg, instantiate(node))
     backbone.pop_source_head()
     head = _build_head(cfg.head, backbone.num_features, num_classes)
@@ -448,6 +454,7 @@ def _check_resume(cfg: DictConfig, module: torch.nn.Module, callbacks: list[pl.C
     or needs a callback that laid out its optimizer groups and this run lacks."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
     check_checkpoint_matches(checkpoint, module, cfg.ckpt_path)
+    check_same_preprocessing(checkpoint, module, cfg.ckpt_path)
     check_same_strategy(checkpoint, cfg.strategy_name, cfg.allow_strategy_change, cfg.ckpt_path)
     if not cfg.allow_strategy_change:  # a permitted change of strategy drops its callbacks on purpose
         check_resume_callbacks(checkpoint, callbacks, cfg.ckpt_path)
@@ -469,6 +476,31 @@ def check_checkpoint_matches(checkpoint: dict, module: torch.nn.Module, path: st
         raise ValueError(
             f"ckpt_path={path!r} was saved from another model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
+        )
+
+
+def check_same_preprocessing(checkpoint: dict, module: torch.nn.Module, path: str) -> None:
+    """Stop before training when the backbone would prepare inputs otherwise than the checkpoint's run did.
+
+    The checkpoint records its backbone's resolved preprocessing (``data_config``: normalisation, input
+    size; tokenizer, maximum length, pooling). A rebuild that resolves differently (``pooling: auto``
+    following a sentence-transformers config that an older version ignored, say) would continue or
+    test another function with the same weights. Checkpoints without the record are not checked.
+
+    Raises:
+        ValueError: Naming the checkpoint, each differing key with both values, and the override.
+    """
+    stored = (checkpoint.get(METADATA_KEY) or {}).get("data_config")
+    backbone = getattr(module, "backbone", None)
+    if not isinstance(stored, dict) or not hasattr(backbone, "data_config"):
+        return
+    current = plain_data_config(backbone.data_config.as_dict())
+    differ = {k: (stored[k], current.get(k)) for k in stored if stored[k] != current.get(k)}
+    if differ:
+        keys = ", ".join(f"{k}: {was!r} in the checkpoint, {now!r} now" for k, (was, now) in differ.items())
+        raise ValueError(
+            f"ckpt_path={path!r} was trained with other preprocessing than this run's backbone gives "
+            f"({keys}); set the backbone's keys to the checkpoint's (e.g. backbone.pooling=<as stored>)"
         )
 
 
