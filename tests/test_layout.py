@@ -51,6 +51,10 @@ def _imported_rooms(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level:
             raise AssertionError(f"{path}: relative import; write tl_lightning.<room>... instead")
         names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if (
+            isinstance(node, ast.ImportFrom) and node.module == "tl_lightning"
+        ):  # from tl_lightning import data
+            names = [f"tl_lightning.{alias.name}" for alias in node.names]
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         for name in names:
@@ -71,6 +75,13 @@ def test_every_room_imports_only_the_rooms_below_it():
             f"{path.relative_to(PACKAGE)} imports tl_lightning.{r}" for r in _imported_rooms(path) - allowed
         ]
     assert not upward, "\n".join(upward)
+
+
+def test_an_import_of_a_room_by_name_counts(tmp_path):
+    """``from tl_lightning import modules`` imports that room as surely as ``import tl_lightning.modules``."""
+    source = tmp_path / "example.py"
+    source.write_text("from tl_lightning import modules, run\nimport tl_lightning.data.base\n")
+    assert _imported_rooms(source) == {"modules", "run", "data"}
 
 
 def test_the_top_level_holds_at_most_three_modules():

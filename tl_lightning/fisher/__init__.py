@@ -6,6 +6,6 @@ per-sample squared gradients of common layers from one batched backward pass. Li
 a Fisher file is read or written).
 """
 
-from tl_lightning.fisher.diagonal import FISHER_MODES, fisher_diagonal, sample_labels
+from tl_lightning.fisher.diagonal import FISHER_MODES, FisherMode, fisher_diagonal, sample_labels
 
-__all__ = ["FISHER_MODES", "fisher_diagonal", "sample_labels"]
+__all__ = ["FISHER_MODES", "FisherMode", "fisher_diagonal", "sample_labels"]

@@ -44,6 +44,12 @@ MOVED_PATHS = {
     "tl_lightning._fisher_hooks": "tl_lightning.fisher.layer_hooks",
     "tl_lightning.peft_adapters": "tl_lightning.adapters.peft",
     "tl_lightning.merging": "tl_lightning.adapters.merging",
+    # the checkpoint-level half of 0.1.0's merging.py
+    "tl_lightning.merging.BACKBONE_PREFIX": "tl_lightning.run.merge.BACKBONE_PREFIX",
+    "tl_lightning.merging.CheckpointBases": "tl_lightning.run.merge.CheckpointBases",
+    "tl_lightning.merging.backbone_state": "tl_lightning.run.merge.backbone_state",
+    "tl_lightning.merging.finetuned_backbone_state": "tl_lightning.run.merge.finetuned_backbone_state",
+    "tl_lightning.merging.merge_checkpoints": "tl_lightning.run.merge.merge_checkpoints",
     "tl_lightning.transferability": "tl_lightning.analysis.transferability",
     "tl_lightning.pipeline": "tl_lightning.run.pipeline",
     "tl_lightning.config_checks": "tl_lightning.run.config_checks",

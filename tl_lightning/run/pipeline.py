@@ -386,7 +386,7 @@ def _with_adapter(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module
 
 
 def _keep_changed_only(cfg: DictConfig, module: torch.nn.Module) -> None:
-    """With an ``adapter``, checkpoints hold what trains only (``peft_adapters.keep_changed_only``)."""
+    """With an ``adapter``, checkpoints hold what trains only (``adapters.peft.keep_changed_only``)."""
     if OmegaConf.select(cfg, "adapter") is not None:
         from tl_lightning.adapters.peft import keep_changed_only
 
