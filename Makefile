@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test bench lint clean
+.PHONY: train test bench docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ bench: $(VENV)/.installed-bench
 
 $(VENV)/.installed-bench: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[bench]"
+	touch $@
+
+# the API reference (docs/api/, from the docstrings) and docs/results/, into site/; a warning fails it
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+$(VENV)/.installed-docs: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[docs]"
 	touch $@
 
 lint: $(STAMP)

@@ -67,5 +67,74 @@ def test_drift_state_is_keyed_by_selector(tmp_path):
     trainer = make_trainer(tmp_path, 1, [a, b], max_steps=1)
     trainer.fit(TinyModel(optim="all"), dataloader())
     assert a.state_key != b.state_key
-    assert set(b.state_dict()["initial"]) == {"head.weight", "head.bias"}
-    assert isinstance(a.state_dict()["initial"]["backbone.0.0.weight"], torch.Tensor)
+    assert a.state_dict()["fingerprint"] != b.state_dict()["fingerprint"]
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in _tensors(value)]
+    return []
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_checkpoint_holds_no_drift_reference_and_resume_logs_the_same_drift(tmp_path):
+    monitor = LayerDriftMonitor()
+    full = EpochMetrics()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    callbacks = [monitor, GradualUnfreeze(milestones=[1, 2]), full, ckpt]
+    make_trainer(tmp_path, 3, callbacks, enable_checkpointing=True).fit(TinyModel(), dataloader())
+
+    checkpoint = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
+    state = checkpoint["callbacks"][monitor.state_key]
+    assert set(state) == {"fingerprint"} and isinstance(state["fingerprint"], str)
+    assert _tensors(state) == []
+    # no copy of any starting weight anywhere (ModelCheckpoint keeps a scalar score)
+    assert [t.shape for t in _tensors(checkpoint["callbacks"]) if t.numel() > 1] == []
+    assert len(_tensors(checkpoint["state_dict"])) > 0  # the checks above see tensors where there are some
+
+    resumed = EpochMetrics()
+    make_trainer(tmp_path, 3, [LayerDriftMonitor(), GradualUnfreeze(milestones=[1, 2]), resumed]).fit(
+        TinyModel(), dataloader(), ckpt_path=tmp_path / "epoch=1.ckpt"
+    )
+    drift = {k: v for k, v in resumed.epochs[0].items() if k.startswith("drift/")}
+    assert len(drift) == 3 and drift["drift/backbone.1"] > 0
+    assert drift == {k: full.epochs[2][k] for k in drift}  # exactly the uninterrupted run's values
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_resume_from_other_starting_weights_names_the_fix(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    make_trainer(tmp_path, 1, [LayerDriftMonitor(), ckpt], enable_checkpointing=True).fit(
+        TinyModel(optim="all"), dataloader()
+    )
+    trainer = make_trainer(tmp_path, 2, [LayerDriftMonitor()])
+    with pytest.raises(
+        ValueError, match=r"cannot resume its drift.*same pretrained weights or seed.*layer_drift=null"
+    ):
+        trainer.fit(TinyModel(optim="all", seed=1), dataloader(), ckpt_path=tmp_path / "epoch=0.ckpt")
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_checkpoint_holding_the_reference_itself_still_resumes(tmp_path):
+    full = EpochMetrics()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    make_trainer(tmp_path, 2, [LayerDriftMonitor(), full, ckpt], enable_checkpointing=True).fit(
+        TinyModel(optim="all"), dataloader()
+    )
+    path = tmp_path / "epoch=0.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    key = LayerDriftMonitor().state_key
+    start = TinyModel(optim="all")
+    names = [n for n, _ in start.named_parameters() if n.startswith("backbone.")]
+    checkpoint["callbacks"][key] = {"initial": {n: start.get_parameter(n).detach().clone() for n in names}}
+    torch.save(checkpoint, path)
+    resumed = EpochMetrics()  # from a module with other starting weights: the checkpoint's θ₀ counts
+    make_trainer(tmp_path, 2, [LayerDriftMonitor(), resumed]).fit(
+        TinyModel(optim="all", seed=1), dataloader(), ckpt_path=path
+    )
+    drift = {k: v for k, v in resumed.epochs[0].items() if k.startswith("drift/")}
+    assert drift == {k: full.epochs[1][k] for k in drift} and len(drift) == 3

@@ -39,6 +39,8 @@ MAY_IMPORT = {
         "objectives",
     },
 }
+# the package's own __init__ is the public entry point above every room (tl_lightning.load)
+MAY_IMPORT["__init__"] = set(MAY_IMPORT)
 
 
 def _room(path: Path) -> str:
@@ -65,7 +67,7 @@ def _imported_rooms(path: Path) -> set[str]:
 
 
 def test_every_room_imports_only_the_rooms_below_it():
-    rooms = {_room(path) for path in PACKAGE.rglob("*.py")} - {"__init__"}
+    rooms = {_room(path) for path in PACKAGE.rglob("*.py")}
     assert rooms == set(MAY_IMPORT), "a new room needs its place in MAY_IMPORT"
     upward = []
     for path in sorted(PACKAGE.rglob("*.py")):

@@ -1,6 +1,7 @@
 """The real Hydra config, composed and shrunk, run end to end through ``train(cfg)``."""
 
 import json
+import logging
 import subprocess
 import sys
 from functools import partial
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tl_lightning.backbones import efficientnet_lite0, small_cnn
 from tl_lightning.modules.heads import LinearHead
 from tl_lightning.modules.transfer import TransferModule
+from tl_lightning.run.hydra_callbacks import remove_unused_run_dir
 from tl_lightning.run.pipeline import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,3 +156,104 @@ def test_logger_none_works_with_the_default_callbacks(make_cfg):
     assert cfg.callbacks.lr_monitor is not None
     train(cfg)
     assert _metrics(cfg)["test"]["test/acc"] >= 0.0
+
+
+def test_linear_probe_logs_the_parameters_it_trains(make_cfg, caplog):
+    """The count is taken after ``Freeze`` froze the backbone in ``setup()``, like Lightning's summary."""
+    cfg = make_cfg(
+        "strategy=linear_probe", "backbone=small_cnn", "backbone.channels=[8,16]", "feature_cache=off"
+    )
+    with caplog.at_level(logging.INFO, logger="tl_lightning.run.pipeline"):
+        train(cfg)
+    head = 16 * 10 + 10
+    total = head + sum(p.numel() for p in small_cnn(channels=(8, 16)).parameters())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trainable parameters")]
+    assert lines == [f"trainable parameters: {head} of {total} ({100 * head / total:.3g}%)"]
+    assert _metrics(cfg)["params"] == {
+        "trainable": head,
+        "total": total,
+        "trainable_fraction": round(head / total, 6),
+    }
+
+
+def _cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_failed_config_check_leaves_no_run_directory(tmp_path):
+    result = _cli(tmp_path / "run", "module.optimizer.lr=abc")
+    assert result.returncode != 0
+    assert "module.optimizer.lr must be a number > 0, got 'abc'" in result.stderr
+    assert list(tmp_path.iterdir()) == [], (
+        "Hydra's .hydra/ and train.log of a run that never started are gone"
+    )
+
+
+def test_failed_run_keeps_a_directory_that_holds_anything_else(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    result = _cli(run_dir, "seed=-1")
+    assert result.returncode != 0 and "seed" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "train.log"]
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's checkpoint"
+
+
+def test_unused_run_dir_is_removed_only_when_it_holds_hydra_files_alone(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "train.log").write_text("")
+    (run_dir / "metrics.json").write_text("{}")
+    assert not remove_unused_run_dir(run_dir, "train") and (run_dir / ".hydra" / "config.yaml").is_file()
+    (run_dir / "metrics.json").unlink()
+    monkeypatch.chdir(run_dir)
+    assert not remove_unused_run_dir(run_dir, "train"), "never the working directory"
+    monkeypatch.chdir(tmp_path)
+    assert remove_unused_run_dir(run_dir, "train") and not run_dir.exists()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in _tensors(value)]
+    return []
+
+
+def _drift(cfg) -> list[dict[str, float]]:
+    """``drift/*`` of every epoch, from ``csv/metrics.csv``."""
+    rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    columns = [i for i, name in enumerate(header) if name.startswith("drift/")]
+    epochs = [r.split(",") for r in rows[1:]]
+    return [{header[i]: float(row[i]) for i in columns} for row in epochs if row[columns[0]]]
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_resumed_run_logs_the_drift_of_an_uninterrupted_one_without_storing_its_origin(make_cfg):
+    small = [
+        "backbone=small_cnn",
+        "backbone.channels=[8,16]",
+        "strategy=full_finetune",
+        "module.scheduler=null",
+    ]
+    first = make_cfg(*small, run="first")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    callbacks = torch.load(last, weights_only=True)["callbacks"]
+    drift_state = next(state for key, state in callbacks.items() if key.startswith("LayerDriftMonitor"))
+    assert set(drift_state) == {"fingerprint"}
+    backbone_size = sum(p.numel() for p in small_cnn(channels=(8, 16)).parameters())
+    sizes = [t.numel() for t in _tensors(callbacks)]
+    assert max(sizes, default=0) < 10 < backbone_size  # ModelCheckpoint's scores; no copy of the backbone
+
+    resumed = make_cfg(*small, "trainer.max_epochs=2", f"ckpt_path={last}", run="resumed")
+    train(resumed)
+    whole = make_cfg(*small, "trainer.max_epochs=2", run="whole")
+    train(whole)
+    assert len(_drift(whole)) == 2 and _drift(resumed)[-1] == _drift(whole)[-1]
+    assert all(v > 0 for v in _drift(whole)[-1].values())

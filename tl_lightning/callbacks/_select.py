@@ -1,6 +1,7 @@
 """Select the modules, parameters and layer groups a callback acts on, for any ``nn.Module``.
 
-Selection rules (the callback contract, ARCHITECTURE.md section 3):
+Selection rules, shared by every callback so that each works on any LightningModule, not only
+``TransferModule`` (README, "The callbacks in your own Lightning project"):
 
 * a selector is an attribute path (``"backbone"``, ``"encoder.layer.3"``) or, when it contains a
   regex metacharacter (``*+?[]()|^$\\``), a regular expression matched in full against module paths;

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -246,7 +246,7 @@ class ConvergedLinearProbe(Callback):
         self,
         head: str = "heads.target",
         l2_grid: Sequence[float] = DEFAULT_L2_GRID,
-        dtype: str = "float64",
+        dtype: Literal["float32", "float64"] = "float64",
         max_iter: int = 1000,
         tolerance: float = 1e-8,
     ) -> None:

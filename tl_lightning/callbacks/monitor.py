@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from tl_lightning.callbacks._select import (
@@ -48,10 +50,17 @@ class TrainableParamsMonitor(Callback):
 class LayerDriftMonitor(Callback):
     r"""Log each layer group's relative drift from where fine-tuning started, at every training epoch end.
 
-    ``drift/<group> = ||θ - θ₀|| / ||θ₀||`` over the group's parameters, with ``θ₀`` captured at the
-    start of the first fit and kept in the checkpoint, so a resumed run measures from the same
-    origin. A group whose initial norm is zero logs the absolute distance. ``θ₀`` lives on the CPU;
-    the cost is one device-to-host copy of the selected parameters per epoch.
+    ``drift/<group> = ||θ - θ₀|| / ||θ₀||`` over the group's parameters, with ``θ₀`` the selected
+    parameters at the start of the first fit. A group whose initial norm is zero logs the absolute
+    distance. ``θ₀`` lives on the CPU (one copy of the selected parameters); the cost is one
+    device-to-host copy of them per epoch.
+
+    Checkpoints hold no copy of ``θ₀``, only its fingerprint (a BLAKE2b hash of the names, dtypes,
+    shapes and bytes). On resume ``θ₀`` is recomputed: it is the weights the module holds just before
+    Lightning loads the checkpoint into it, i.e. the module built the way the original run built it
+    (the same pretrained weights, or the same seed), and the fingerprint proves it, so a resumed run
+    logs the same drift as an uninterrupted one. Checkpoints written before this change, which hold
+    ``θ₀`` itself, still resume.
 
     Args:
         modules: Attribute path, regex or list of them selecting the modules to watch.
@@ -60,6 +69,8 @@ class LayerDriftMonitor(Callback):
 
     Raises:
         AttributeError: In ``setup()``, if a selector matches no module.
+        ValueError: In ``on_fit_start()`` of a resumed fit (before any step), if the module's weights
+            before the checkpoint was loaded are not those the checkpoint's run started from.
 
     Example::
 
@@ -74,6 +85,10 @@ class LayerDriftMonitor(Callback):
         self.layer_groups = as_layer_groups_arg(layer_groups)
         self._groups: dict[str, list[str]] = {}
         self._initial: dict[str, torch.Tensor] = {}
+        self._fingerprint: str | None = None
+        self._restored: str | None = None  # the checkpoint's fingerprint, until on_fit_start checks it
+        self._before_load: dict[str, torch.Tensor] = {}
+        self._hook: RemovableHandle | None = None
 
     @property
     @override
@@ -85,22 +100,33 @@ class LayerDriftMonitor(Callback):
         if stage != "fit":
             return
         self._groups = layer_groups(pl_module, self.modules, self.layer_groups)
-        self._initial = {}
+        self._initial, self._fingerprint, self._restored, self._before_load = {}, None, None, {}
+        # what the module holds when Lightning loads a checkpoint into it: a resumed fit's θ₀ if rebuilt alike
+        self._hook = pl_module.register_load_state_dict_pre_hook(self._keep_weights_before_load)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self._initial}
+        return {"fingerprint": self._fingerprint}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._initial = dict(state_dict["initial"])
+        if "initial" in state_dict:  # a checkpoint that carries θ₀ itself (written before fingerprints)
+            self._initial = dict(state_dict["initial"])
+            self._fingerprint = _fingerprint(self._initial)
+        else:
+            self._restored = state_dict["fingerprint"]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._initial:
-            names = [name for names in self._groups.values() for name in names]
-            params = parameters_by_name(pl_module, names)
-            self._initial = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._restored is not None:
+            self._initial = self._reference_for(self._restored)
+        elif not self._initial:
+            self._initial = self._selected(pl_module)
+        self._fingerprint = _fingerprint(self._initial)
+        self._restored, self._before_load = None, {}
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -114,3 +140,43 @@ class LayerDriftMonitor(Callback):
                 initial += start.float().square().sum().item()
             drift[f"drift/{group}"] = (moved / initial) ** 0.5 if initial > 0 else moved**0.5
         pl_module.log_dict(drift, on_step=False, on_epoch=True, batch_size=1)
+
+    def _selected(self, pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """CPU copies of the watched parameters, by name."""
+        names = [name for names in self._groups.values() for name in names]
+        return {
+            name: p.detach().to("cpu", copy=True) for name, p in parameters_by_name(pl_module, names).items()
+        }
+
+    def _keep_weights_before_load(self, module: torch.nn.Module, *args: Any) -> None:
+        """``load_state_dict`` pre-hook: the last weights before a load are the resumed fit's θ₀."""
+        self._before_load = self._selected(module)
+
+    def _reference_for(self, fingerprint: str) -> dict[str, torch.Tensor]:
+        """The weights held before the checkpoint was loaded, if they are the run's θ₀.
+
+        Raises:
+            ValueError: If they are missing or have another fingerprint.
+        """
+        found = _fingerprint(self._before_load) if self._before_load else None
+        if found != fingerprint:
+            held = (
+                f"weights with fingerprint {found}" if found else "no weights (not loaded by load_state_dict)"
+            )
+            raise ValueError(
+                f"{type(self).__name__}({self.modules}) cannot resume its drift: the checkpoint's run "
+                f"started from weights with fingerprint {fingerprint}, but the module held {held} before the "
+                "checkpoint was loaded. Build the module as the original run did (the same pretrained "
+                "weights or seed), or leave LayerDriftMonitor out (train.py: callbacks.layer_drift=null)"
+            )
+        return self._before_load
+
+
+def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """BLAKE2b (128-bit, hex) of the names, dtypes, shapes and bytes of ``tensors``, in name order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

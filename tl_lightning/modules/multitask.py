@@ -95,8 +95,9 @@ class MultiTaskModule(TransferModule):
         loss_weights: Task name -> ``w_t``; ``None`` for ``1.0`` each.
         pcgrad: Project conflicting task gradients of the shared parameters (PCGrad).
         pcgrad_seed: Seed of PCGrad's task orders.
-        *args, **kwargs: The rest of :class:`~tl_lightning.modules.transfer.TransferModule`'s arguments
-            (optimizer, scheduler, label_smoothing, weight_decay).
+        *args: The rest of :class:`~tl_lightning.modules.transfer.TransferModule`'s arguments
+            (optimizer, scheduler, label_smoothing, weight_decay), positionally.
+        **kwargs: The same arguments by name.
 
     Raises:
         ValueError: If ``head``/``num_classes`` are not per-task mappings of the same tasks, or on bad

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,6 +15,7 @@ from torch.nn import functional as F
 
 from tl_lightning.backbones import Backbone
 from tl_lightning.modules.optim import named_param_groups
+from tl_lightning.modules.rebuild import METADATA_KEY, load_run_checkpoint
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., object]
@@ -85,6 +88,51 @@ class TransferModule(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location=None, **kwargs: Any):
+        """Rebuild the module a ``train.py`` checkpoint describes, and load its weights (``weights_only``).
+
+        The checkpoint's ``tl_lightning`` record (resolved config, class names, preprocessing) says
+        what to build (:func:`~tl_lightning.modules.rebuild.load_run_checkpoint`): nothing is downloaded,
+        and no constructor argument is needed. A checkpoint without that record (written outside
+        ``train.py``) loads the Lightning way, with the constructor arguments given as ``kwargs``.
+        The returned module is in eval mode, on the CPU, or moved to ``map_location`` (a device).
+
+        Args:
+            checkpoint_path: A ``checkpoints/*.ckpt`` file of a run.
+            map_location: The device to move the module to (``None``: the CPU).
+            **kwargs: Only for a checkpoint without the record: Lightning's ``load_from_checkpoint``
+                arguments (``backbone=...``, ``head=...``, ``optimizer=...``, ``strict=...``).
+
+        Raises:
+            FileNotFoundError: If ``checkpoint_path`` does not exist.
+            TypeError: If the checkpoint holds another module class than ``cls`` (or a subclass), or
+                ``kwargs`` are given with a checkpoint that describes itself.
+            ValueError: If the weights do not fit the module the record describes, naming the file.
+
+        Example::
+
+            module = TransferModule.load_from_checkpoint("outputs/train/<run>/checkpoints/last.ckpt")
+            logits = module(images)
+        """
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        if METADATA_KEY not in checkpoint:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location=map_location, weights_only=True, **kwargs
+            )
+        if kwargs:
+            raise TypeError(
+                f"{str(checkpoint_path)!r} describes its own module (checkpoint[{METADATA_KEY!r}]): "
+                f"load it without {sorted(kwargs)}"
+            )
+        module, _ = load_run_checkpoint(checkpoint_path)
+        if not isinstance(module, cls):
+            raise TypeError(
+                f"{str(checkpoint_path)!r} holds a {type(module).__name__}, not a {cls.__name__}: load it "
+                f"with {type(module).__name__}.load_from_checkpoint or TransferModule.load_from_checkpoint"
+            )
+        return module if map_location is None else module.to(map_location)
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         """Target-task logits, from images or a batch of token tensors (``{"input_ids": ..., ...}``),

@@ -1,13 +1,17 @@
-"""Hydra callbacks of ``train.py`` (``conf/hydra/default.yaml``): checks before Hydra touches the disk."""
+"""Hydra glue of ``train.py``: checks before Hydra touches the disk; no empty directory after a failure."""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 class WritableOutputDir(Callback):
@@ -43,3 +47,43 @@ def _check_writable(directory: str, key: str) -> None:
             f"error: the output directory {directory!r} cannot be created or written: {str(existing)!r} is "
             f"read-only (read-only file system or no write permission); set {key}=<a writable directory>"
         )
+
+
+def remove_unused_run_dir(output_dir: str | os.PathLike, job_name: str) -> bool:
+    """Delete a failed run's directory if it holds nothing but what Hydra wrote into it.
+
+    Hydra creates the run directory, its ``.hydra/`` (the composed config) and ``<job_name>.log``
+    before the job starts, so a run stopped by a config check would otherwise leave an empty
+    timestamped directory behind. A directory holding anything else (a checkpoint, ``metrics.json``,
+    logger output, another run's lock) is left as it is, and the current working directory is never
+    removed.
+
+    Args:
+        output_dir: The run directory (``hydra.runtime.output_dir``).
+        job_name: ``hydra.job.name``; the log file Hydra writes is ``<job_name>.log``.
+
+    Returns:
+        Whether the directory was removed.
+
+    Example::
+
+        try:
+            return train(cfg)
+        except Exception:
+            remove_unused_run_dir(HydraConfig.get().runtime.output_dir, HydraConfig.get().job.name)
+            raise
+    """
+    directory = Path(output_dir).absolute()
+    hydra_own = {".hydra", f"{job_name}.log"}
+    if not directory.is_dir() or Path.cwd().absolute().is_relative_to(directory):
+        return False
+    if not {entry.name for entry in directory.iterdir()} <= hydra_own:
+        return False
+    shutil.rmtree(directory / ".hydra", ignore_errors=True)
+    (directory / f"{job_name}.log").unlink(missing_ok=True)
+    try:
+        directory.rmdir()  # fails if anything appeared meanwhile: then it stays
+    except OSError:
+        return False
+    log.info("removed %s: the run failed before writing anything into it", directory)
+    return True

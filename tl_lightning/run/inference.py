@@ -1,10 +1,10 @@
-"""Use a trained model: load a checkpoint (or a safetensors export), predict image files, export.
+"""Use a trained model: load a checkpoint (or a safetensors export), predict images or texts, export.
 
 A checkpoint written by ``train.py`` describes itself (``checkpoint["tl_lightning"]``: the resolved
 config, class names and the backbone's preprocessing), so :func:`load_trained` rebuilds the module
-from it, loads the weights (``weights_only=True``) and knows the evaluation transform. The
-safetensors export written by :func:`export_safetensors` carries the same description in its
-metadata and loads the same way.
+from it, loads the weights (``weights_only=True``) and knows how the run prepared its evaluation
+inputs: the image transform, or the text data module's tokenisation. The safetensors export written
+by :func:`export_safetensors` carries the same description in its metadata and loads the same way.
 """
 
 from __future__ import annotations
@@ -12,51 +12,64 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader
 
-from tl_lightning.backbones import DataConfig
+from tl_lightning.backbones import DataConfig, TextConfig
 from tl_lightning.data.base import ClassificationDataModule, as_data_config
 from tl_lightning.data.grayscale import GrayscaleDataModule
 from tl_lightning.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb8
+from tl_lightning.data.text import TextDataModule
 from tl_lightning.modules import DomainAdaptationModule, MultiTaskModule
+from tl_lightning.modules.rebuild import load_run_weights
 from tl_lightning.run.checkpointing import METADATA_KEY, load_checkpoint, upgrade_metadata
+from tl_lightning.run.formats import export_hf, export_text_onnx, export_timm
 from tl_lightning.run.pipeline import rebuild_module, rebuild_transform
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (*IMAGE_EXTENSIONS, ".gif")  # image folders' files, and GIFs (their first frame)
 LIST_SUFFIXES = (".txt",)
+TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")  # .txt: one text per line; the others: text_column
 OUTPUT_SUFFIXES = (".csv", ".json")
 _METADATA_FIELDS = ("config", "class_names", "data_config")
-_SOURCE_HEAD = "heads.source."
 
 
 @dataclass
 class TrainedModel:
-    """A fine-tuned module in eval mode with what it needs to classify images.
+    """A fine-tuned module in eval mode with what it needs to classify images or texts.
 
     Args:
         module: The rebuilt ``TransferModule`` holding the trained weights (eval mode, CPU).
         class_names: Target class names, in logit order.
-        data_config: The backbone's preprocessing (mean, std, interpolation, crop).
-        image_size: Side length the model was trained at (``data.image_size``, else the backbone's).
+        data_config: The backbone's preprocessing: a ``DataConfig`` (mean, std, interpolation, crop)
+            or, for a text backbone, a ``TextConfig`` (tokenizer, maximum length, pooling).
+        image_size: Side length the model was trained at (``data.image_size``, else the backbone's);
+            ``None`` for a text model.
         metadata: ``checkpoint["tl_lightning"]`` as stored.
     """
 
     module: nn.Module
     class_names: list[str]
-    data_config: DataConfig
-    image_size: int
+    data_config: DataConfig | TextConfig
+    image_size: int | None
     metadata: dict
+
+    @property
+    def modality(self) -> str:
+        """``"text"`` (the backbone takes token ids) or ``"image"``."""
+        return "text" if isinstance(self.data_config, TextConfig) else "image"
 
     def transform(self) -> Callable:
         """PIL image (any mode) -> normalised tensor, as the run's data module prepared its evaluation images.
@@ -67,7 +80,15 @@ class TrainedModel:
         ``eval_transform``. The grayscale data modules (digits, MNIST-5k, Fashion-MNIST) learn from
         grey levels, so for them it is reduced to its luma first (ITU-R 601-2, Pillow's ``"L"``),
         which keeps a grey picture's levels exactly.
+
+        Raises:
+            ValueError: For a text model (see :func:`prepare_texts`).
         """
+        if self.modality == "text":
+            raise ValueError(
+                f"this is a text model (backbone {self.data_config.tokenizer}): it takes texts, not images; "
+                "prepare them with prepare_texts"
+            )
         config = self.metadata["config"]
         evaluate = rebuild_transform(config, self.metadata["data_config"])
         grey = issubclass(_data_class(config) or object, GrayscaleDataModule)
@@ -107,12 +128,13 @@ def load_trained(path: str | Path) -> TrainedModel:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the file is corrupt, lacks the ``tl_lightning`` metadata (or one of its
             fields), holds weights of another model, or is a multi-task or domain-adaptation run
-            (only single-task checkpoints classify images); the message names the file.
+            (only single-task checkpoints classify; load those with ``<Module>.load_from_checkpoint``);
+            the message names the file.
 
     Example::
 
         model = load_trained("outputs/train/<run>/checkpoints/last.ckpt")
-        probabilities = model.module(model.transform()(image)[None]).softmax(-1)
+        probabilities = model.module(model.transform()(image)[None]).softmax(-1)  # an image model
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -128,15 +150,19 @@ def load_trained(path: str | Path) -> TrainedModel:
         raise ValueError(
             f"{str(path)!r}: cannot rebuild the model its stored config describes: {error}"
         ) from error
-    _load_weights(module, state_dict, path)
+    load_run_weights(module, state_dict, str(path))
     if metadata["config"].get("adapter") is not None:  # strategy=lora|ia3
         from tl_lightning.adapters.peft import merge_adapter
 
         merge_adapter(module)  # plain weights again: no adapter modules, no extra inference cost
         metadata = {**metadata, "config": {**metadata["config"], "adapter": None}}
     data_config = as_data_config(metadata["data_config"])
-    image_size = (metadata["config"].get("data") or {}).get("image_size") or data_config.input_size[-1]
-    return TrainedModel(module.eval(), list(metadata["class_names"]), data_config, int(image_size), metadata)
+    image_size = None
+    if isinstance(data_config, DataConfig):
+        image_size = int(
+            (metadata["config"].get("data") or {}).get("image_size") or data_config.input_size[-1]
+        )
+    return TrainedModel(module.eval(), list(metadata["class_names"]), data_config, image_size, metadata)
 
 
 def _read_safetensors(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
@@ -182,7 +208,8 @@ def _check_single_task(metadata: dict, path: Path) -> None:
         f"{str(path)!r} is a checkpoint of strategy={metadata.get('strategy')} (module "
         f"{config['module'].get('_target_')}, data {data.get('_target_')}): predict.py and export.py "
         "support single-task checkpoints only, a tl_lightning.modules.TransferModule trained on one image "
-        "data module (data=digits|mnist5k|fashion_mnist|image_folder|torchvision). "
+        "or text data module (data=digits|mnist5k|fashion_mnist|image_folder|torchvision|text_files|"
+        "rotten_tomatoes|hf_dataset); load this one with its module's load_from_checkpoint. "
     )
     if multi_task:
         tasks = ", ".join(f"{name}: {(n or {}).get('_target_')}" for name, n in data.get("tasks", {}).items())
@@ -215,21 +242,6 @@ def _override(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Load every weight of ``module``; the source head (not rebuilt) is the only thing left out."""
-    own = module.state_dict()
-    weights = {k: v for k, v in state_dict.items() if k in own or not k.startswith(_SOURCE_HEAD)}
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{str(path)!r} does not fit the model its config describes: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
-        )
-    module.load_state_dict(weights)
 
 
 def collect_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -302,6 +314,128 @@ def prepare_images(model: TrainedModel, paths: Sequence[Path]) -> torch.Tensor:
     return torch.stack(images)
 
 
+def collect_texts(
+    inputs: str | Path | Sequence[str | Path] | None = None,
+    texts: Sequence[str] | None = None,
+    text_column: str = "text",
+) -> list[str]:
+    """The texts to classify: those of ``inputs`` files (in order), then ``texts``.
+
+    A ``.txt`` file holds one text per line (blank lines skipped); a ``.csv``, ``.tsv`` or ``.jsonl``
+    file holds one per row, in its ``text_column``.
+
+    Args:
+        inputs: Text files (``.txt``, ``.csv``, ``.tsv``, ``.jsonl``).
+        texts: Texts given directly (``predict.py texts=[...]``).
+        text_column: The column of ``.csv``/``.tsv``/``.jsonl`` files that holds the texts.
+
+    Raises:
+        FileNotFoundError: If an input file does not exist, naming it.
+        ValueError: On another suffix (an image, a folder; listing the allowed ones), a file without
+            ``text_column`` (listing its columns), an empty text (naming the file and row), or no text.
+    """
+    entries = [] if inputs is None else [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    collected: list[str] = []
+    for entry in entries:
+        collected.extend(_read_texts(Path(entry), text_column))
+    for i, text in enumerate(texts or []):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"texts[{i}]={text!r} is empty; give non-empty texts")
+        collected.append(text)
+    if not collected:
+        raise ValueError(
+            "no text to classify: give inputs=<file> (one of " + ", ".join(TEXT_SUFFIXES) + ") or texts=[...]"
+        )
+    return collected
+
+
+def _read_texts(path: Path, text_column: str) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"inputs: {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix not in TEXT_SUFFIXES:
+        raise ValueError(
+            f"inputs: {str(path)!r} is not a text file: a text model takes {', '.join(TEXT_SUFFIXES)} files "
+            "(.txt: one text per line; the others: the text_column) or texts=[...]"
+        )
+    with path.open(encoding="utf-8", newline="") as handle:
+        if suffix == ".txt":
+            return [line for line in handle.read().splitlines() if line.strip()]
+        rows = (
+            [json.loads(line) for line in handle if line.strip()]
+            if suffix == ".jsonl"
+            else list(csv.DictReader(handle, delimiter="," if suffix == ".csv" else "\t"))
+        )
+    columns = list(rows[0]) if rows else []
+    if text_column not in columns:
+        raise ValueError(
+            f"text_column={text_column!r} is not a column of {str(path)!r}; its columns: {columns}"
+        )
+    texts = [row.get(text_column) for row in rows]
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(
+            f"{str(path)!r}: {len(empty)} row(s) have no text in {text_column!r} (rows {empty[:5]})"
+        )
+    return texts
+
+
+def text_datamodule(model: TrainedModel) -> TextDataModule:
+    """The run's text data module, built from the stored config, ready to tokenise new texts as the run did.
+
+    Its tokenizer is the backbone's (from the stored ``TextConfig``: packaged or local files, nothing
+    downloaded for the offline jobs). Its token limit is the run's: ``data.max_length`` as stored, or,
+    for ``data.max_length=data`` (a percentile of the training texts' lengths, which the config does
+    not record), the one the data module computes again from the run's training data.
+
+    Raises:
+        ValueError: For an image model, or when ``data.max_length=data`` and the run's training data
+            cannot be read, naming the key.
+    """
+    if model.modality != "text":
+        raise ValueError("this is an image model: it takes images, not texts")
+    node = dict(model.metadata["config"]["data"])
+    datamodule = instantiate(node, data_config=model.data_config)
+    if node.get("max_length") == "data":
+        try:
+            datamodule.setup()
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                "the run chose its token limit from its training texts (data.max_length=data), which cannot "
+                f"be read here ({error}); the limit is logged by the run ('data.max_length=data: N tokens')"
+            ) from error
+    else:
+        datamodule.tokenizer = model.data_config.load_tokenizer()
+        datamodule._max_length = datamodule._choose_max_length([])
+    return datamodule
+
+
+def prepare_texts(model: TrainedModel, texts: Sequence[str], batch_size: int = 32) -> DataLoader:
+    """Batches of token tensors for ``texts``, in order, as the run's evaluation loaders gave them.
+
+    The run's text data module (:func:`text_datamodule`) tokenises them with its own code (its
+    tokenizer and token limit; longer texts are truncated and counted in the log) and pads each batch
+    with its own ``collate_fn``.
+
+    Args:
+        model: A text model from :func:`load_trained`.
+        texts: The texts (see :func:`collect_texts`).
+        batch_size: Texts per batch.
+
+    Raises:
+        ValueError: For an image model.
+
+    Example::
+
+        for tokens, _ in prepare_texts(model, ["a joy from start to finish"]):
+            probabilities = model.module(tokens).softmax(-1)
+    """
+    datamodule = text_datamodule(model)
+    texts = list(texts)
+    dataset = datamodule._dataset("predict", texts, datamodule._token_ids(texts), np.zeros(len(texts)))
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=datamodule.collate_fn)
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` (CUDA when available, else CPU) or any ``torch.device`` string.
 
@@ -321,19 +455,25 @@ def resolve_device(device: str) -> torch.device:
 
 @torch.no_grad()
 def predict(
-    model: TrainedModel, paths: Sequence[Path], top_k: int = 5, batch_size: int = 32, device: str = "auto"
+    model: TrainedModel,
+    inputs: Sequence[Path] | Sequence[str],
+    top_k: int = 5,
+    batch_size: int = 32,
+    device: str = "auto",
 ) -> list[dict]:
-    """Top-``k`` classes with probabilities for every image, in input order.
+    """Top-``k`` classes with probabilities for every image (image model) or text (text model), in order.
 
     Args:
         model: From :func:`load_trained`.
-        paths: Image files (see :func:`collect_inputs`).
-        top_k: Classes reported per image, ``1..len(class_names)``.
-        batch_size: Images per forward pass.
+        inputs: Image files (see :func:`collect_inputs`), or texts for a text model
+            (see :func:`collect_texts`).
+        top_k: Classes reported per input, ``1..len(class_names)``.
+        batch_size: Inputs per forward pass.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
 
     Returns:
-        ``[{"path": str, "predictions": [{"class": name, "probability": p}, ...]}, ...]``.
+        ``[{"path": str, "predictions": [{"class": name, "probability": p}, ...]}, ...]``; the first
+        key is ``"text"`` (the text) for a text model.
 
     Raises:
         ValueError: On an out-of-range ``top_k`` or ``batch_size``, or an unreadable image.
@@ -344,16 +484,25 @@ def predict(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     target = resolve_device(device)
     module = model.module.to(target)
+    if model.modality == "text":
+        batches = (
+            {k: v.to(target) for k, v in tokens.items()}
+            for tokens, _ in prepare_texts(model, inputs, batch_size)
+        )
+    else:
+        batches = (
+            prepare_images(model, inputs[start : start + batch_size]).to(target)
+            for start in range(0, len(inputs), batch_size)
+        )
+    key = "text" if model.modality == "text" else "path"
     rows = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = prepare_images(model, chunk).to(target)
-        top = module(images).float().softmax(dim=-1).topk(top_k, dim=-1)
-        for path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
+    for batch in batches:
+        top = module(batch).float().softmax(dim=-1).topk(top_k, dim=-1)
+        for probs, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             ranked = [
                 {"class": model.class_names[i], "probability": p} for i, p in zip(indices, probs, strict=True)
             ]
-            rows.append({"path": str(path), "predictions": ranked})
+            rows.append({key: str(inputs[len(rows)]), "predictions": ranked})
     return rows
 
 
@@ -365,7 +514,8 @@ def _check_output(output: str | Path) -> Path:
 
 
 def write_predictions(rows: list[dict], output: str | Path) -> Path:
-    """Write :func:`predict` rows as CSV (``path, class_1, probability_1, ...``) or JSON, by suffix.
+    """Write :func:`predict` rows as CSV (``path, class_1, probability_1, ...``; ``text, ...`` for texts)
+    or JSON, by suffix. The file is readable by all that the umask lets read it.
 
     Raises:
         ValueError: If ``output`` ends in neither ``.csv`` nor ``.json``.
@@ -374,17 +524,29 @@ def write_predictions(rows: list[dict], output: str | Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".json":
         output.write_text(json.dumps(rows, indent=2))
-        return output
+        return _shareable(output)
+    key = next(iter(rows[0])) if rows else "path"
     k = len(rows[0]["predictions"]) if rows else 0
     with output.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["path", *[f"{field}_{r}" for r in range(1, k + 1) for field in ("class", "probability")]]
+            [key, *[f"{field}_{r}" for r in range(1, k + 1) for field in ("class", "probability")]]
         )
         for row in rows:
             ranked = [v for p in row["predictions"] for v in (p["class"], f"{p['probability']:.6f}")]
-            writer.writerow([row["path"], *ranked])
-    return output
+            writer.writerow([row[key], *ranked])
+    return _shareable(output)
+
+
+def _shareable(path: Path) -> Path:
+    """Give ``path`` the mode a newly created file gets (``0o666`` less the umask, e.g. ``0o644``).
+
+    Writers that go through a private temporary file and rename it (safetensors does) leave ``0o600``.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return path
 
 
 def export_safetensors(model: TrainedModel, output: str | Path) -> Path:
@@ -395,7 +557,7 @@ def export_safetensors(model: TrainedModel, output: str | Path) -> Path:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(model.serving_state_dict(), str(output), metadata={METADATA_KEY: json.dumps(model.metadata)})
-    return output
+    return _shareable(output)  # safetensors writes a 0o600 temporary file and renames it
 
 
 def export_onnx(model: TrainedModel, output: str | Path) -> Path:
@@ -407,6 +569,8 @@ def export_onnx(model: TrainedModel, output: str | Path) -> Path:
     """
     import onnx
 
+    if model.modality != "image":
+        raise ValueError("export_onnx exports image models (images -> logits); see export_any_onnx")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, model.data_config.input_size[0], model.image_size, model.image_size)
@@ -432,7 +596,20 @@ def export_onnx(model: TrainedModel, output: str | Path) -> Path:
     return output
 
 
-EXPORTERS = {"safetensors": export_safetensors, "onnx": export_onnx}
+def export_any_onnx(model: TrainedModel, output: str | Path) -> Path:
+    """``format=onnx``: images -> logits for an image model (:func:`export_onnx`); the tokenizer's
+    tensors -> logits for a text model (:func:`tl_lightning.run.formats.export_text_onnx`)."""
+    if model.modality == "text":
+        return export_text_onnx(model.module, model.metadata, output)
+    return export_onnx(model, output)
+
+
+EXPORTERS = {
+    "safetensors": export_safetensors,
+    "onnx": export_any_onnx,
+    "hf": lambda model, output: export_hf(model.module, model.metadata, output),
+    "timm": lambda model, output: export_timm(model.module, model.metadata, output),
+}
 
 
 def export(model: TrainedModel, format: str, output: str | Path) -> Path:
@@ -443,28 +620,42 @@ def export(model: TrainedModel, format: str, output: str | Path) -> Path:
     """
     if format not in EXPORTERS:
         raise ValueError(f"format={format!r} is not one of {list(EXPORTERS)}")
-    return EXPORTERS[format](model, output)
+    return _shareable(EXPORTERS[format](model, output))
 
 
 def predict_to_file(
     ckpt_path: str | Path,
-    inputs: str | Path | Sequence[str | Path],
+    inputs: str | Path | Sequence[str | Path] | None,
     output: str | Path,
     top_k: int = 5,
     batch_size: int = 32,
     device: str = "auto",
+    texts: Sequence[str] | None = None,
+    text_column: str = "text",
 ) -> Path:
-    """``predict.py``: check the arguments, collect the images, load the model, predict, write ``output``.
+    """``predict.py``: check the arguments, load the model, collect its inputs, predict, write ``output``.
+
+    What ``inputs`` holds follows the checkpoint: images (:func:`collect_inputs`) for an image model,
+    text files (:func:`collect_texts`, with ``texts`` and ``text_column``) for a text model.
 
     Raises:
-        FileNotFoundError, ValueError: As :func:`collect_inputs`, :func:`load_trained`,
-            :func:`predict` and :func:`write_predictions`, before any model work where possible.
+        FileNotFoundError, ValueError: As :func:`collect_inputs` or :func:`collect_texts`,
+            :func:`load_trained`, :func:`predict` and :func:`write_predictions`; a ValueError when
+            ``texts`` are given to an image model.
     """
     _check_output(output)
     resolve_device(device)
-    paths = collect_inputs(inputs)
-    rows = predict(load_trained(ckpt_path), paths, top_k, batch_size, device)
-    return write_predictions(rows, output)
+    model = load_trained(ckpt_path)
+    if model.modality == "text":
+        collected = collect_texts(inputs, texts, text_column)
+    elif texts:
+        raise ValueError(
+            f"{str(ckpt_path)!r} is an image model: it takes images (inputs=<files, folders or .txt lists>), "
+            "not texts=[...]"
+        )
+    else:
+        collected = collect_inputs(inputs if inputs is not None else [])
+    return write_predictions(predict(model, collected, top_k, batch_size, device), output)
 
 
 def export_checkpoint(ckpt_path: str | Path, format: str, output: str | Path) -> Path:

@@ -81,13 +81,6 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
     head, num_classes = _build_heads(cfg, backbone.num_features, datamodule)
     module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
     _keep_changed_only(cfg, module)
-    counts = _parameter_counts(module)
-    log.info(
-        "trainable parameters: %d of %d (%.3g%%)",
-        counts["trainable"],
-        counts["total"],
-        100 * counts["trainable_fraction"],
-    )
     cfg = _with_monitor_mode(cfg, module)
     loggers = _instantiate_group(cfg.logger, "logger")
     callbacks = _pipeline_callbacks(cfg, _instantiate_group(cfg.callbacks, "callbacks"), loggers)
@@ -95,7 +88,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
         from tl_lightning.adapters.peft import check_adapter_callbacks
 
         check_adapter_callbacks(callbacks, cfg.strategy_name)
-    callbacks.append(RunMetadata(_run_metadata(cfg, backbone, datamodule)))
+    callbacks += [RunMetadata(_run_metadata(cfg, backbone, datamodule)), _ParameterCountLog()]
     cached = _feature_cache_mode(cfg, callbacks, datamodule, module)
     if cached != "off":
         cache_dir = Path(cfg.paths.cache_dir) / "features" if cached == "disk" else None
@@ -108,6 +101,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
     )
     if cfg.ckpt_path:
         _check_resume(cfg, module, trainer.callbacks)
+    _log_run_config(cfg, trainer.loggers, module)  # after the checks: a run stopped by one leaves no trace
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     final_val = _scalars(trainer.callback_metrics, prefix="val/") | _scalars(
@@ -242,6 +236,36 @@ def _with_monitor_mode(cfg: DictConfig, module: torch.nn.Module) -> DictConfig:
     return cfg
 
 
+@rank_zero_only
+def _log_run_config(cfg: DictConfig, loggers: list, module: torch.nn.Module) -> None:
+    """Give every logger the resolved config as hyper-parameters, so trackers can group runs by them.
+
+    Called once every check has passed, just before fitting (a tracker run is opened by the first call).
+
+    The config is flattened to dotted keys (``strategy_name``, ``module.optimizer.lr``,
+    ``backbone.model_name``, ``data.train_per_class``, ``seed``, ``trainer.max_epochs``, ...) with plain
+    values (lists as their text); the ``logger`` node itself is left out (a tracking URI may carry a
+    token). The module's own hyper-parameters (``save_hyperparameters``) come along, under their names:
+    Lightning logs them again when fitting starts, with the same values, and TensorBoard's hparams
+    dashboard keeps the first set a run writes.
+    """
+    if not loggers:
+        return
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("logger", None)
+    params = dict(getattr(module, "hparams_initial", {}))
+    stack = [("", resolved)]
+    while stack:
+        prefix, node = stack.pop()
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                stack.append((f"{prefix}{key}.", value))
+            else:
+                params[f"{prefix}{key}"] = str(value) if isinstance(value, list | dict) else value
+    for logger in loggers:
+        logger.log_hyperparams(dict(sorted(params.items())))
+
+
 def _pipeline_callbacks(cfg: DictConfig, callbacks: list, loggers: list) -> list:
     """The configured callbacks, adjusted to the run, plus the guards every run gets.
 
@@ -327,7 +351,9 @@ def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> to
     return instantiate(head_cfg, in_features=num_features, num_classes=num_classes)
 
 
-def rebuild_module(config: dict, num_classes: int, data_config: dict | None = None) -> torch.nn.Module:
+def rebuild_module(
+    config: dict, num_classes: int | dict[str, int], data_config: dict | None = None
+) -> torch.nn.Module:
     """The module a run's resolved config describes, to load a trained checkpoint into.
 
     The checkpoint holds every weight, so the backbone is built with ``pretrained=false`` (nothing
@@ -339,7 +365,7 @@ def rebuild_module(config: dict, num_classes: int, data_config: dict | None = No
 
     Args:
         config: ``checkpoint["tl_lightning"]["config"]`` (plain data, interpolations resolved).
-        num_classes: Number of target classes (``len(class_names)``).
+        num_classes: Number of target classes (``len(class_names)``), or task -> classes (multi-task).
         data_config: ``checkpoint["tl_lightning"]["data_config"]``: a text backbone recorded with
             ``pooling: auto`` is rebuilt with the pooling the run resolved and trained with, not the
             one ``auto`` would resolve to today.
@@ -347,22 +373,10 @@ def rebuild_module(config: dict, num_classes: int, data_config: dict | None = No
     Raises:
         ValueError: If ``config`` lacks the ``backbone``, ``head`` or ``module`` node, naming it.
     """
-    cfg = OmegaConf.create(config)
-    missing = [key for key in ("backbone", "head", "module") if not isinstance(cfg.get(key), DictConfig)]
-    if missing:
-        raise ValueError(f"the stored run config has no {missing} node; it needs backbone, head and module")
-    node = cfg.backbone
-    while isinstance(node.get("backbone"), DictConfig) and "_target_" in node.backbone:
-        node = node.backbone
-    if "pretrained" in node and cfg.get("adapter") is None:
-        node = OmegaConf.merge(node, {"pretrained": False})
-    if node.get("pooling") == "auto" and (data_config or {}).get("pooling"):
-        node = OmegaConf.merge(node, {"pooling": data_config["pooling"]})
-    backbone = _with_adapter(cfg, instantiate(node))
-    backbone.pop_source_head()
-    head = _build_head(cfg.head, backbone.num_features, num_classes)
-    module = instantiate(cfg.module, backbone=backbone, head=head, num_classes=num_classes)
-    _keep_changed_only(cfg, module)
+    from tl_lightning.modules.rebuild import module_from_run_config  # shared with load_from_checkpoint
+
+    module = module_from_run_config(config, num_classes, data_config)
+    _keep_changed_only(OmegaConf.create(config), module)
     return module
 
 
@@ -547,6 +561,24 @@ def _best_score(checkpoint, final_val: dict[str, float], monitor: str) -> float 
     if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
         return float(checkpoint.best_model_score)
     return final_val.get(monitor)
+
+
+class _ParameterCountLog(pl.Callback):
+    """Log ``trainable parameters: N of M (P%)`` when training starts.
+
+    At ``on_train_start``, after every callback's ``setup`` and ``on_fit_start`` froze (``Freeze``,
+    ``GradualUnfreeze``) or re-applied a resumed stage, so the count is what the first step trains.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            counts = _parameter_counts(pl_module)
+            log.info(
+                "trainable parameters: %d of %d (%.3g%%)",
+                counts["trainable"],
+                counts["total"],
+                100 * counts["trainable_fraction"],
+            )
 
 
 def _parameter_counts(module: torch.nn.Module) -> dict[str, int | float]:

@@ -1,0 +1,151 @@
+"""Rebuild a trained module from the description its checkpoint carries, and load its weights.
+
+A ``train.py`` checkpoint stores ``checkpoint["tl_lightning"]`` (the resolved run config, class
+names, the backbone's preprocessing). Its config nodes name what to build (``backbone``, ``head``,
+``module``, ``adapter``), so the module is rebuilt by Hydra from that data alone: this file needs no
+code of the room that trains (``tl_lightning.run``), which is why
+``TransferModule.load_from_checkpoint`` (and so every module's) can live here, below it.
+``tl_lightning.run.pipeline.rebuild_module`` builds through :func:`module_from_run_config` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+METADATA_KEY = "tl_lightning"
+SOURCE_HEAD = "heads.source."
+
+
+def module_from_run_config(
+    config: dict, num_classes: int | Mapping[str, int], data_config: dict | None = None
+) -> nn.Module:
+    """The module a run's resolved config describes, with fresh weights, to load a checkpoint into.
+
+    The checkpoint holds every weight, so the backbone is built with ``pretrained=false`` (nothing
+    is downloaded or read), a backbone wrapping another (``backbone=source_checkpoint``) is built from
+    its inner ``backbone`` node, and no source head is attached (it only comes with pretrained
+    weights and is not part of the fine-tuned model). With an ``adapter`` (``strategy=lora|ia3``)
+    the checkpoint holds only what trained, so the base is built from its pretrained weights and
+    wrapped by the ``adapter`` node's factory. A multi-task module gets one head per task.
+
+    Args:
+        config: ``checkpoint["tl_lightning"]["config"]`` (plain data, interpolations resolved).
+        num_classes: Number of target classes, or task name -> number of classes (multi-task).
+        data_config: ``checkpoint["tl_lightning"]["data_config"]``: a text backbone recorded with
+            ``pooling: auto`` is rebuilt with the pooling the run resolved and trained with.
+
+    Raises:
+        ValueError: If ``config`` lacks the ``backbone``, ``head`` or ``module`` node, naming it.
+
+    Example::
+
+        module = module_from_run_config(metadata["config"], len(metadata["class_names"]))
+    """
+    cfg = OmegaConf.create(config)
+    missing = [key for key in ("backbone", "head", "module") if not isinstance(cfg.get(key), DictConfig)]
+    if missing:
+        raise ValueError(f"the stored run config has no {missing} node; it needs backbone, head and module")
+    node = cfg.backbone
+    while isinstance(node.get("backbone"), DictConfig) and "_target_" in node.backbone:
+        node = node.backbone
+    if "pretrained" in node and cfg.get("adapter") is None:
+        node = OmegaConf.merge(node, {"pretrained": False})
+    if node.get("pooling") == "auto" and (data_config or {}).get("pooling"):
+        node = OmegaConf.merge(node, {"pooling": data_config["pooling"]})
+    backbone = instantiate(node)
+    if cfg.get("adapter") is not None:
+        backbone = instantiate(cfg.adapter, backbone=backbone)
+    backbone.pop_source_head()
+    head_cfg = OmegaConf.masked_copy(
+        cfg.head, [k for k in cfg.head if k not in ("in_features", "num_classes")]
+    )
+
+    def head(n: int) -> nn.Module:
+        return instantiate(head_cfg, in_features=backbone.num_features, num_classes=n)
+
+    if isinstance(num_classes, Mapping):
+        heads, num_classes = {task: head(n) for task, n in num_classes.items()}, dict(num_classes)
+    else:
+        heads = head(num_classes)
+    return instantiate(cfg.module, backbone=backbone, head=heads, num_classes=num_classes)
+
+
+def load_run_weights(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, adapter: bool = False
+) -> None:
+    """Load every weight of ``module`` from ``state_dict``; the source head (not rebuilt) is left out.
+
+    An adapter checkpoint (``strategy=lora|ia3``) leaves the frozen base out: a frozen parameter or a
+    backbone buffer the state lacks keeps the value the rebuild gave it (its pretrained weight).
+
+    Args:
+        module: From :func:`module_from_run_config`.
+        state_dict: ``checkpoint["state_dict"]`` or an exported file's tensors.
+        source: The file the weights come from, for error messages.
+        adapter: The run config has an ``adapter``: the frozen base may be left out of ``state_dict``.
+
+    Raises:
+        ValueError: If the weights do not fit ``module`` (missing, unexpected or mis-shaped keys),
+            naming ``source`` and the first keys of each kind.
+    """
+    own = module.state_dict()
+    weights = {k: v for k, v in state_dict.items() if k in own or not k.startswith(SOURCE_HEAD)}
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    frozen |= {f"backbone.{n}" for n, _ in getattr(module, "backbone", nn.Module()).named_buffers()}
+    missing = sorted(set(own) - set(weights) - (frozen if adapter else set()))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{source!r} does not fit the model its config describes: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
+        )
+    module.load_state_dict({**{k: own[k] for k in set(own) - set(weights)}, **weights})
+
+
+def load_run_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the module of a ``train.py`` checkpoint and load its weights (``weights_only=True``).
+
+    Args:
+        path: A ``checkpoints/*.ckpt`` file of a run.
+
+    Returns:
+        ``(module, checkpoint["tl_lightning"])``: the module in eval mode on the CPU, and the run's
+        description.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file lacks ``checkpoint["tl_lightning"]`` (not written by ``train.py``) or its
+            weights do not fit, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    metadata = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
+        raise ValueError(
+            f"{str(path)!r} has no {METADATA_KEY!r} run description (written by train.py): pass the "
+            "module's constructor arguments (backbone=..., head=..., num_classes=..., optimizer=...)"
+        )
+    module = module_from_run_config(
+        metadata["config"], run_num_classes(checkpoint), metadata.get("data_config")
+    )
+    adapter = metadata["config"].get("adapter") is not None
+    load_run_weights(module, checkpoint.get("state_dict") or {}, str(path), adapter)
+    return module.eval(), metadata
+
+
+def run_num_classes(checkpoint: Mapping) -> int | dict[str, int]:
+    """The module's ``num_classes`` argument: as its hyper-parameters recorded it (a task -> count mapping
+    for a multi-task module), else the number of stored class names."""
+    recorded = (checkpoint.get("hyper_parameters") or {}).get("num_classes")
+    if isinstance(recorded, Mapping):
+        return dict(recorded)
+    return int(recorded) if recorded is not None else len(checkpoint[METADATA_KEY]["class_names"])
