@@ -12,9 +12,9 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 FAST = [
     "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
     "+trainer.enable_progress_bar=false",
     "callbacks.rich_progress_bar=null",
     "data.image_size=32",

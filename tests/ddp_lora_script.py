@@ -56,9 +56,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "adapter.dropout=0.1",  # adapter dropout draws random numbers: replicas must still agree
         "trainer=ddp_cpu",
         "trainer.max_epochs=1",
-        f"+trainer.limit_train_batches={STEPS}",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
+        f"trainer.limit_train_batches={STEPS}",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
         "+trainer.enable_progress_bar=false",
         "callbacks.rich_progress_bar=null",
         "logger=none",

@@ -138,3 +138,22 @@ def test_a_checkpoint_holding_the_reference_itself_still_resumes(tmp_path):
     )
     drift = {k: v for k, v in resumed.epochs[0].items() if k.startswith("drift/")}
     assert drift == {k: full.epochs[1][k] for k in drift} and len(drift) == 3
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_bf16_true_run_resumes_its_drift(tmp_path):
+    """``precision=bf16-true`` converts the module after Lightning loads a checkpoint: the weights held
+    before the load are compared in the dtype the run took its starting point in."""
+    monitor = LayerDriftMonitor()
+    full = EpochMetrics()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    callbacks = [monitor, full, ckpt]
+    make_trainer(tmp_path, 2, callbacks, enable_checkpointing=True, precision="bf16-true").fit(
+        TinyModel(optim="all"), dataloader()
+    )
+    resumed = EpochMetrics()
+    make_trainer(tmp_path, 2, [LayerDriftMonitor(), resumed], precision="bf16-true").fit(
+        TinyModel(optim="all"), dataloader(), ckpt_path=tmp_path / "epoch=0.ckpt"
+    )
+    drift = {k: v for k, v in resumed.epochs[0].items() if k.startswith("drift/")}
+    assert drift and drift == {k: full.epochs[1][k] for k in drift}

@@ -31,9 +31,9 @@ TEXTS = [
 # conftest's FAST without data.image_size; text data, 32 tokens at most
 TEXT_FAST = [
     "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
     "+trainer.enable_progress_bar=false",
     "callbacks.rich_progress_bar=null",
     "allow_short_schedule=true",
@@ -283,11 +283,14 @@ def test_timm_refuses_what_timm_cannot_build(make_cfg, tmp_path, overrides, matc
 # --- format=onnx (text) ---------------------------------------------------------------------------
 
 
-def test_text_onnx_dynamic_batch_and_length(make_cfg, tiny_bert, reviews, tmp_path):
+@pytest.mark.parametrize(
+    "pooling", ["mean", "lasttoken"]
+)  # lasttoken indexes per sample: batch must stay free
+def test_text_onnx_dynamic_batch_and_length(make_cfg, tiny_bert, reviews, tmp_path, pooling):
     import onnx
     import onnxruntime
 
-    module, metadata = _bert_run(make_cfg, tiny_bert, reviews, "backbone.pooling=mean")
+    module, metadata = _bert_run(make_cfg, tiny_bert, reviews, f"backbone.pooling={pooling}")
     path = export_text_onnx(module, metadata, tmp_path / "model.onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -300,7 +303,7 @@ def test_text_onnx_dynamic_batch_and_length(make_cfg, tiny_bert, reviews, tmp_pa
         assert _max_diff(_ours(module, tokenizer, texts), theirs) <= ATOL
     properties = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
     assert properties["class_names"] == ["neg", "plot", "pos"]
-    assert properties["data_config"]["max_length"] == 32 and properties["data_config"]["pooling"] == "mean"
+    assert properties["data_config"]["max_length"] == 32 and properties["data_config"]["pooling"] == pooling
 
 
 # --- through export.py, as a user runs it -------------------------------------------------------------

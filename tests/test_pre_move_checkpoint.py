@@ -35,9 +35,9 @@ RESUME = [
     "data.batch_size=16",
     "callbacks.gradual_unfreeze.milestones=[1]",
     "trainer.max_epochs=3",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
     "callbacks.rich_progress_bar=null",
     "+trainer.enable_progress_bar=false",
     "logger=none",
@@ -185,3 +185,14 @@ def test_a_users_config_with_an_old_path_names_the_new_one(make_cfg):
         r"tl_lightning.modules.transfer.TransferModule",
     ):
         train(cfg)
+
+
+def test_lightnings_own_loader_reads_it_too():
+    """``TransferModule.load_from_checkpoint`` upgrades the old paths as ``tl_lightning.load`` does."""
+    from tl_lightning.modules import TransferModule
+
+    module = TransferModule.load_from_checkpoint(CHECKPOINT)
+    stored = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
+    state = module.state_dict()
+    assert not module.training and set(state) == set(stored)
+    assert all(torch.equal(state[k], stored[k]) for k in stored)

@@ -34,9 +34,9 @@ IMAGE_SIZE = 32
 SHRINK = [
     "strategy=full_finetune",  # the backbone's weights change too, so loading them is checked
     "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
     "+trainer.enable_progress_bar=false",
     "callbacks.rich_progress_bar=null",
     f"data.image_size={IMAGE_SIZE}",
@@ -252,7 +252,9 @@ def test_bad_prediction_inputs_are_named(checkpoint, digit_files, tmp_path):
 
 
 def test_unknown_export_format_is_refused_before_loading(tmp_path):
-    with pytest.raises(ValueError, match=r"format='tflite' is not one of \['safetensors', 'onnx'\]"):
+    with pytest.raises(
+        ValueError, match=r"format='tflite' is not one of \['safetensors', 'onnx', 'hf', 'timm'\]"
+    ):
         export_checkpoint(tmp_path / "not-even-there.ckpt", "tflite", tmp_path / "model.tflite")
 
 

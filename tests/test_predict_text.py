@@ -18,7 +18,7 @@ import tl_lightning
 from tl_lightning.backbones import TextConfig
 from tl_lightning.backbones.hf import MINILM
 from tl_lightning.modules import TransferModule
-from tl_lightning.run.inference import export_checkpoint, predict, predict_to_file
+from tl_lightning.run.inference import collect_texts, export, export_checkpoint, predict, predict_to_file
 from tl_lightning.run.pipeline import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,8 +139,7 @@ def test_text_predict_cli_writes_csv_and_exported_model_predicts_the_same(text_r
     assert exported.modality == "text" and exported.image_size is None
     again = predict(exported, [line[0] for line in lines[1:]], top_k=1, device="cpu")
     assert [[r["text"], r["predictions"][0]["class"]] for r in again] == [line[:2] for line in lines[1:]]
-    with pytest.raises(ValueError, match="format=onnx exports image models"):
-        export_checkpoint(checkpoint, "onnx", tmp_path / "model.onnx")
+    assert export_checkpoint(checkpoint, "onnx", tmp_path / "model.onnx").is_file()  # text ONNX (see formats)
 
 
 def test_inputs_must_match_the_checkpoints_modality(text_run, tmp_path):
@@ -160,3 +159,50 @@ def test_inputs_must_match_the_checkpoints_modality(text_run, tmp_path):
         predict_to_file(checkpoint, None, tmp_path / "p.csv", device="cpu")
     with pytest.raises(ValueError, match="takes texts, not images"):
         tl_lightning.load(checkpoint).transform()
+
+
+# --- review: inputs as users give them; exports that never damage what is there -----------------
+
+
+def test_a_single_text_is_one_text_and_files_split_only_at_line_ends(text_run, tmp_path):
+    checkpoint, _ = text_run
+    model = tl_lightning.load(checkpoint)
+    assert [r["text"] for r in predict(model, collect_texts(texts="superb"), top_k=1, device="cpu")] == [
+        "superb"
+    ]
+    with pytest.raises(ValueError, match=r"texts\[0\]=5 is not a text"):
+        collect_texts(texts=[5, "great"])
+    listing = tmp_path / "texts.txt"
+    listing.write_text("a line\u2028with a separator\x0cand a form feed\r\nsecond\n\n", encoding="utf-8")
+    assert collect_texts(listing) == ["a line\u2028with a separator\x0cand a form feed", "second"]
+    table = tmp_path / "excel.csv"
+    table.write_bytes("\ufefftext,id\ngreat film,1\n".encode())  # the BOM Excel writes
+    assert collect_texts(table) == ["great film"]
+
+
+def test_a_folder_export_refuses_a_non_empty_folder_and_is_readable_by_all(text_run, tmp_path):
+    checkpoint, _ = text_run
+    model = tl_lightning.load(checkpoint)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my notes")
+    with pytest.raises(ValueError, match="is a folder that is not empty"):
+        export(model, "hf", mine)
+    assert (mine / "README.md").read_text() == "# my notes"
+    folder = export(model, "hf", tmp_path / "model.hf")
+    for path in [folder, *folder.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_a_failed_export_leaves_nothing(text_run, tmp_path):
+    checkpoint, _ = text_run
+    model = tl_lightning.load(checkpoint)
+    with pytest.raises(ValueError, match="timm"):
+        export(model, "timm", tmp_path / "model.timm")  # a text model: refused
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_and_exports_do_not_carry_the_tracker_settings(text_run, tmp_path):
+    checkpoint, _ = text_run
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["tl_lightning"]["config"]
+    assert "logger" not in stored  # a tracking URI may carry a token

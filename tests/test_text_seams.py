@@ -88,8 +88,8 @@ _GROUPED_RUN = [
     "data.group_by_length=true",
     "strategy=full_finetune",
     "trainer.max_epochs=3",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=1",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
     "+callbacks.order._target_=ddp_text_script.BatchOrder",
 ]
 
@@ -232,9 +232,9 @@ def test_adapter_checkpoint_rebuilds_identically_without_pretrained_pooler(
         f"strategy={strategy}",
         "backbone.pooling=cls",
         "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
     )
     train(cfg)
     checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
@@ -450,7 +450,7 @@ def test_a_checkpoint_keeps_the_pooling_it_was_trained_with(tmp_path, tiny_bert,
     from tl_lightning.run.pipeline import rebuild_module, train
 
     model = _sentence_model(tmp_path, tiny_bert, {"pooling_mode_max_tokens": True})
-    fast = ["strategy=full_finetune", "trainer.max_epochs=1", "+trainer.limit_train_batches=2"]
+    fast = ["strategy=full_finetune", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
     train(_cfg(tmp_path / "run", model, distinct_reviews, "backbone.pooling=mean", *fast))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)

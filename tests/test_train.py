@@ -83,9 +83,9 @@ def test_ddp_cpu_two_processes_one_output_dir(tmp_path):
         "backbone=small_cnn",
         "strategy=scratch",
         "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=4",
-        "+trainer.limit_val_batches=2",
-        "+trainer.limit_test_batches=2",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
         "callbacks.rich_progress_bar=null",
         "data.image_size=32",
         f"hydra.run.dir={run_dir}",
@@ -182,12 +182,32 @@ def _cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_failed_config_check_leaves_no_run_directory(tmp_path):
-    result = _cli(tmp_path / "run", "module.optimizer.lr=abc")
+    """The timestamped directory Hydra made for a run whose config check failed is removed."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "module.optimizer.lr=abc"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "module.optimizer.lr must be a number > 0, got 'abc'" in result.stderr
-    assert list(tmp_path.iterdir()) == [], (
-        "Hydra's .hydra/ and train.log of a run that never started are gone"
-    )
+    runs = tmp_path / "outputs" / "train"
+    assert runs.is_dir() and list(runs.iterdir()) == [], "Hydra's .hydra/ and train.log are gone"
+
+
+def test_a_directory_the_user_chose_is_never_removed(tmp_path):
+    """``hydra.run.dir=<dir>``: it may hold other runs' logs, or be a folder the user made: it stays."""
+    chosen = tmp_path / "mine"
+    chosen.mkdir()
+    assert _cli(chosen, "module.optimizer.lr=abc").returncode != 0
+    assert sorted(p.name for p in chosen.iterdir()) == [".hydra", "train.log"]
+
+
+def test_a_run_that_fails_after_training_started_keeps_its_directory(tmp_path):
+    """Only a failed config check removes anything: a run that diverges keeps its log and config."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "backbone=small_cnn", "backbone.channels=[8,16]",
+           "data.image_size=32", "strategy=full_finetune", "module.optimizer.lr=1e12", "logger=none",
+           "trainer.limit_train_batches=4", "callbacks.rich_progress_bar=null"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "NaN/inf" in result.stderr
+    (run,) = (tmp_path / "outputs" / "train").iterdir()
+    assert {".hydra", "train.log"} <= {p.name for p in run.iterdir()}
 
 
 def test_failed_run_keeps_a_directory_that_holds_anything_else(tmp_path):

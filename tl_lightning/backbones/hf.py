@@ -106,7 +106,8 @@ class TextBackbone(Backbone):
             return hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(1).values
         if self.pooling == "lasttoken":  # the last position holding a token, with padding on either side
             last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
-            return hidden[torch.arange(len(hidden), device=hidden.device), last]
+            # gather, not hidden[arange(batch), last]: an exported graph keeps the batch dimension free
+            return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else hidden[:, 0]
 

@@ -122,7 +122,7 @@ class LayerDriftMonitor(Callback):
             self._hook.remove()
             self._hook = None
         if self._restored is not None:
-            self._initial = self._reference_for(self._restored)
+            self._initial = self._reference_for(self._restored, pl_module)
         elif not self._initial:
             self._initial = self._selected(pl_module)
         self._fingerprint = _fingerprint(self._initial)
@@ -152,24 +152,29 @@ class LayerDriftMonitor(Callback):
         """``load_state_dict`` pre-hook: the last weights before a load are the resumed fit's θ₀."""
         self._before_load = self._selected(module)
 
-    def _reference_for(self, fingerprint: str) -> dict[str, torch.Tensor]:
+    def _reference_for(self, fingerprint: str, pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The weights held before the checkpoint was loaded, if they are the run's θ₀.
+
+        Lightning loads a checkpoint before its precision plugin converts the module (``bf16-true``,
+        ``16-true``), while the original run took θ₀ after the conversion: the weights held before the
+        load are also compared in the dtypes the module has now.
 
         Raises:
             ValueError: If they are missing or have another fingerprint.
         """
+        now = {n: p.dtype for n, p in parameters_by_name(pl_module, list(self._before_load)).items()}
+        converted = {n: t.to(now.get(n, t.dtype)) for n, t in self._before_load.items()}
+        for candidate in (self._before_load, converted):
+            if candidate and _fingerprint(candidate) == fingerprint:
+                return candidate
         found = _fingerprint(self._before_load) if self._before_load else None
-        if found != fingerprint:
-            held = (
-                f"weights with fingerprint {found}" if found else "no weights (not loaded by load_state_dict)"
-            )
-            raise ValueError(
-                f"{type(self).__name__}({self.modules}) cannot resume its drift: the checkpoint's run "
-                f"started from weights with fingerprint {fingerprint}, but the module held {held} before the "
-                "checkpoint was loaded. Build the module as the original run did (the same pretrained "
-                "weights or seed), or leave LayerDriftMonitor out (train.py: callbacks.layer_drift=null)"
-            )
-        return self._before_load
+        held = f"weights with fingerprint {found}" if found else "no weights (not loaded by load_state_dict)"
+        raise ValueError(
+            f"{type(self).__name__}({self.modules}) cannot resume its drift: the checkpoint's run "
+            f"started from weights with fingerprint {fingerprint}, but the module held {held} before the "
+            "checkpoint was loaded. Build the module as the original run did (the same pretrained "
+            "weights or seed), or leave LayerDriftMonitor out (train.py: callbacks.layer_drift=null)"
+        )
 
 
 def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -366,7 +366,7 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> Table:
         )
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rb") as raw:
-        handle = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        handle = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # a BOM (Excel's) is not text
         if suffix == ".jsonl":
             rows = [json.loads(line) for line in handle if line.strip()]
         else:

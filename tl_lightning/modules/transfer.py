@@ -101,14 +101,16 @@ class TransferModule(pl.LightningModule):
 
         Args:
             checkpoint_path: A ``checkpoints/*.ckpt`` file of a run.
-            map_location: The device to move the module to (``None``: the CPU).
+            map_location: The device to move the module to (``None``: the CPU); a mapping or a
+                function (Lightning's other forms) only for a checkpoint without the record.
             **kwargs: Only for a checkpoint without the record: Lightning's ``load_from_checkpoint``
                 arguments (``backbone=...``, ``head=...``, ``optimizer=...``, ``strict=...``).
 
         Raises:
             FileNotFoundError: If ``checkpoint_path`` does not exist.
-            TypeError: If the checkpoint holds another module class than ``cls`` (or a subclass), or
-                ``kwargs`` are given with a checkpoint that describes itself.
+            TypeError: If the checkpoint holds another module class than ``cls`` (or a subclass),
+                ``kwargs`` are given with a checkpoint that describes itself, or its ``map_location`` is
+                not a device.
             ValueError: If the weights do not fit the module the record describes, naming the file.
 
         Example::
@@ -118,8 +120,12 @@ class TransferModule(pl.LightningModule):
         """
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
         if METADATA_KEY not in checkpoint:
-            return super().load_from_checkpoint(
-                checkpoint_path, map_location=map_location, weights_only=True, **kwargs
+            kwargs = {"weights_only": True, **kwargs}  # safe unless the caller says otherwise
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs).eval()
+        if map_location is not None and not isinstance(map_location, str | int | torch.device):
+            raise TypeError(
+                f"map_location={map_location!r}: a checkpoint that describes its module is rebuilt on the CPU"
+                " and moved to one device; give a device (e.g. 'cuda:0'), not a mapping or a function"
             )
         if kwargs:
             raise TypeError(

@@ -26,42 +26,15 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from typing_extensions import override
 
-METADATA_KEY = "tl_lightning"
-TMP_SUFFIX = ".tmp-partial"
+from tl_lightning.modules.rebuild import (  # noqa: F401 (re-exported: run/ reads checkpoints through here)
+    METADATA_KEY,
+    MOVED_PATHS,
+    moved_path,
+    upgrade_metadata,
+    upgrade_targets,
+)
 
-# Import paths of 0.1.0, before the package was regrouped into rooms -> where they live now. A
-# checkpoint (or exported safetensors file) written by 0.1.0 names the old paths in its stored
-# config; ``upgrade_targets`` rewrites them, and ``check_config`` names the new path when a user's
-# own config still uses an old one.
-MOVED_PATHS = {
-    "tl_lightning.module": "tl_lightning.modules.transfer",
-    "tl_lightning.multitask": "tl_lightning.modules.multitask",
-    "tl_lightning.adaptation_module": "tl_lightning.modules.domain_adaptation",
-    "tl_lightning.heads": "tl_lightning.modules.heads",
-    "tl_lightning.optim": "tl_lightning.modules.optim",
-    "tl_lightning.adaptation": "tl_lightning.objectives.domain",
-    "tl_lightning.pcgrad": "tl_lightning.objectives.pcgrad",
-    "tl_lightning._fisher_hooks": "tl_lightning.fisher.layer_hooks",
-    "tl_lightning.peft_adapters": "tl_lightning.adapters.peft",
-    "tl_lightning.merging": "tl_lightning.adapters.merging",
-    # the checkpoint-level half of 0.1.0's merging.py
-    "tl_lightning.merging.BACKBONE_PREFIX": "tl_lightning.run.merge.BACKBONE_PREFIX",
-    "tl_lightning.merging.CheckpointBases": "tl_lightning.run.merge.CheckpointBases",
-    "tl_lightning.merging.backbone_state": "tl_lightning.run.merge.backbone_state",
-    "tl_lightning.merging.finetuned_backbone_state": "tl_lightning.run.merge.finetuned_backbone_state",
-    "tl_lightning.merging.merge_checkpoints": "tl_lightning.run.merge.merge_checkpoints",
-    "tl_lightning.transferability": "tl_lightning.analysis.transferability",
-    "tl_lightning.pipeline": "tl_lightning.run.pipeline",
-    "tl_lightning.config_checks": "tl_lightning.run.config_checks",
-    "tl_lightning.checkpointing": "tl_lightning.run.checkpointing",
-    "tl_lightning.run_lock": "tl_lightning.run.lock",
-    "tl_lightning.run_guards": "tl_lightning.run.guards",
-    "tl_lightning.hydra_callbacks": "tl_lightning.run.hydra_callbacks",
-    "tl_lightning.feature_cache": "tl_lightning.run.feature_cache",
-    "tl_lightning.inference": "tl_lightning.run.inference",
-    "tl_lightning.backbones.checkpoint": "tl_lightning.run.source_checkpoint",
-    "tl_lightning.backbones.from_checkpoint": "tl_lightning.run.source_checkpoint.from_checkpoint",
-}
+TMP_SUFFIX = ".tmp-partial"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -202,40 +175,6 @@ def run_metadata(config: dict, strategy: str, class_names: list[str], data_confi
 def plain_data_config(data_config: dict) -> dict:
     """A backbone's preprocessing (``data_config.as_dict()``) as a checkpoint stores it: tuples as lists."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
-
-
-def moved_path(target: str) -> str | None:
-    """Where the 0.1.0 import path ``target`` lives now, or ``None`` if it did not move.
-
-    Example::
-
-        moved_path("tl_lightning.module.TransferModule")  # 'tl_lightning.modules.transfer.TransferModule'
-    """
-    for old in sorted(MOVED_PATHS, key=len, reverse=True):
-        if target == old or target.startswith(old + "."):
-            return MOVED_PATHS[old] + target[len(old) :]
-    return None
-
-
-def upgrade_targets(config: Any) -> Any:
-    """A copy of a stored config (plain data) whose ``_target_`` values name today's import paths."""
-    if isinstance(config, dict):
-        upgraded = {key: upgrade_targets(value) for key, value in config.items()}
-        target = upgraded.get("_target_")
-        if isinstance(target, str) and moved_path(target) is not None:
-            upgraded["_target_"] = moved_path(target)
-        return upgraded
-    if isinstance(config, list):
-        return [upgrade_targets(value) for value in config]
-    return config
-
-
-def upgrade_metadata(metadata: Any) -> Any:
-    """``checkpoint["tl_lightning"]`` with its stored config upgraded (:func:`upgrade_targets`); other
-    values, a missing config included, are returned as they are."""
-    if isinstance(metadata, dict) and isinstance(metadata.get("config"), dict):
-        return {**metadata, "config": upgrade_targets(metadata["config"])}
-    return metadata
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

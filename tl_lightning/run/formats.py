@@ -129,9 +129,11 @@ def export_timm(module: nn.Module, metadata: dict, output: str | Path) -> Path:
     the construction arguments and the preprocessing the run evaluated with (``input_size`` at
     ``data.image_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``; the grayscale data modules
     upsample the whole image, ``crop_pct=1``, and copy grey levels to 3 channels, as
-    ``config.json``'s ``tl_lightning.grayscale`` says). Both ``timm.create_model("local-dir:<output>")``
-    and ``timm.create_model(architecture, num_classes=N, checkpoint_path="<output>/model.safetensors")``
-    load it; the first is checked against ``module``'s logits.
+    ``config.json``'s ``tl_lightning.grayscale`` says; timm's own transform does not reproduce that
+    preprocessing - luma of a file, torch's bicubic on grey levels - so such a model's files are
+    predicted with ``predict.py``, not through timm's transform). Both
+    ``timm.create_model("local-dir:<output>")`` and ``timm.create_model(architecture, num_classes=N,
+    checkpoint_path="<output>/model.safetensors")`` load it; the first is checked against ``module``'s logits.
 
     Args:
         module: The trained ``TransferModule`` (eval mode, adapters merged).
@@ -246,7 +248,13 @@ def export_text_onnx(module: nn.Module, metadata: dict, output: str | Path) -> P
     output.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = backbone.data_config.load_tokenizer()
     tokenizer.model_max_length = _text_max_length(backbone, metadata)
-    example = tokenizer(list(CHECK_TEXTS[:2]), padding=True, return_tensors="pt")
+    example = tokenizer(
+        list(CHECK_TEXTS[:2]),
+        padding=True,
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    )
     names = list(example)
     graph = _TokensToLogits(module, names).eval()
     length = torch.export.Dim("length", min=2, max=tokenizer.model_max_length)
@@ -342,17 +350,21 @@ def _backbone_target(metadata: dict) -> str:
 
 
 def _text_max_length(backbone: TextBackbone, metadata: dict) -> int:
-    """The token limit the run trained with: ``data.max_length`` when a number, else the backbone's."""
+    """The token limit the run trained with: ``data.max_length`` when a number, else the backbone's.
+
+    Raises:
+        ValueError: If the run chose its limit from its training texts (``data.max_length=data``) and
+            the checkpoint predates recording the number.
+    """
     limit = backbone.data_config.max_length
     chosen = (metadata["config"].get("data") or {}).get("max_length")
     if isinstance(chosen, int) and not isinstance(chosen, bool):
         return min(chosen, limit)
-    if chosen is not None:
-        log.warning(
-            "data.max_length=%s was chosen from the training texts and is not stored; the export truncates "
-            "at the backbone's %d tokens",
-            chosen,
-            limit,
+    if chosen is not None:  # "data", recorded by checkpoints before the chosen limit was stored
+        raise ValueError(
+            f"data.max_length={chosen} was chosen from the training texts and this checkpoint does not "
+            "record the number: an export would truncate at another length than the run did. Predict with "
+            "predict.py (it recomputes the limit), or retrain to record it"
         )
     return limit
 

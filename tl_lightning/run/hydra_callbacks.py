@@ -54,7 +54,9 @@ def remove_unused_run_dir(output_dir: str | os.PathLike, job_name: str) -> bool:
 
     Hydra creates the run directory, its ``.hydra/`` (the composed config) and ``<job_name>.log``
     before the job starts, so a run stopped by a config check would otherwise leave an empty
-    timestamped directory behind. A directory holding anything else (a checkpoint, ``metrics.json``,
+    timestamped directory behind. ``train.py`` calls this only when the config check failed and the
+    directory is the timestamped one Hydra made for this run (no ``hydra.run.dir`` override), never for
+    a run that started training. A directory holding anything else (a checkpoint, ``metrics.json``,
     logger output, another run's lock) is left as it is, and the current working directory is never
     removed.
 

@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -338,8 +339,12 @@ def collect_texts(
     collected: list[str] = []
     for entry in entries:
         collected.extend(_read_texts(Path(entry), text_column))
+    if isinstance(texts, str):  # texts=superb on the command line: one text, not its characters
+        texts = [texts]
     for i, text in enumerate(texts or []):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{i}]={text!r} is not a text; quote it: 'texts=[\"...\"]'")
+        if not text.strip():
             raise ValueError(f"texts[{i}]={text!r} is empty; give non-empty texts")
         collected.append(text)
     if not collected:
@@ -358,9 +363,9 @@ def _read_texts(path: Path, text_column: str) -> list[str]:
             f"inputs: {str(path)!r} is not a text file: a text model takes {', '.join(TEXT_SUFFIXES)} files "
             "(.txt: one text per line; the others: the text_column) or texts=[...]"
         )
-    with path.open(encoding="utf-8", newline="") as handle:
-        if suffix == ".txt":
-            return [line for line in handle.read().splitlines() if line.strip()]
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: a BOM (Excel's) is not text
+        if suffix == ".txt":  # lines end at \n (or \r\n) only, not at the other breaks splitlines knows
+            return [line.rstrip("\r") for line in handle.read().split("\n") if line.strip()]
         rows = (
             [json.loads(line) for line in handle if line.strip()]
             if suffix == ".jsonl"
@@ -539,13 +544,18 @@ def write_predictions(rows: list[dict], output: str | Path) -> Path:
 
 
 def _shareable(path: Path) -> Path:
-    """Give ``path`` the mode a newly created file gets (``0o666`` less the umask, e.g. ``0o644``).
+    """Give ``path`` the mode a newly created file gets (``0o666`` less the umask, e.g. ``0o644``), and
+    a folder (``format=hf|timm``) and everything in it the modes new folders and files get (``0o755``).
 
     Writers that go through a private temporary file and rename it (safetensors does) leave ``0o600``.
     """
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    if path.is_dir():
+        for inner in [path, *path.rglob("*")]:
+            os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
     return path
 
 
@@ -615,12 +625,28 @@ EXPORTERS = {
 def export(model: TrainedModel, format: str, output: str | Path) -> Path:
     """Write ``model`` as ``format`` (a key of :data:`EXPORTERS`) to ``output``.
 
+    Nothing of someone else's is overwritten or left half-written: a non-empty folder at ``output`` is
+    refused (a folder format would mix its files with what is there, and a loader could read a stale
+    one), and an export that fails (a refusal, or a self-check whose logits differ) removes what it
+    wrote.
+
     Raises:
-        ValueError: On an unknown ``format``, listing the allowed ones.
+        ValueError: On an unknown ``format``, listing the allowed ones, or a non-empty folder at ``output``.
     """
     if format not in EXPORTERS:
         raise ValueError(f"format={format!r} is not one of {list(EXPORTERS)}")
-    return _shareable(EXPORTERS[format](model, output))
+    output = Path(output)
+    if output.is_dir() and any(output.iterdir()):
+        raise ValueError(f"output={str(output)!r} is a folder that is not empty: choose a new output path")
+    existed = output.exists()
+    try:
+        return _shareable(EXPORTERS[format](model, output))
+    except BaseException:
+        if not existed and output.is_dir():
+            shutil.rmtree(output, ignore_errors=True)
+        elif not existed:
+            output.unlink(missing_ok=True)
+        raise
 
 
 def predict_to_file(

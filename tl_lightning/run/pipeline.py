@@ -292,8 +292,12 @@ def _pipeline_callbacks(cfg: DictConfig, callbacks: list, loggers: list) -> list
 def _run_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
     """``checkpoint["tl_lightning"]`` for this run (see ``tl_lightning.run.checkpointing.run_metadata``)."""
     class_names = getattr(datamodule, "class_names", None) or [str(i) for i in range(datamodule.num_classes)]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("logger", None)  # a tracking URI may carry a token; a checkpoint or an export travels
+    if (config.get("data") or {}).get("max_length") == "data":  # the limit chosen from the training texts
+        config["data"]["max_length"] = datamodule.used_max_length  # is what predict and exports must use
     return run_metadata(
-        OmegaConf.to_container(cfg, resolve=True),
+        config,
         cfg.strategy_name,
         class_names,
         backbone.data_config.as_dict(),

@@ -7,13 +7,13 @@ set -euo pipefail
 seed=${1:-0}
 budget=${2:-small}
 case "$budget" in
-  small) budget_args=(data.source.train_per_class=50 trainer.max_epochs=2 +trainer.limit_train_batches=20) ;;
-  medium) budget_args=(trainer.max_epochs=4 +trainer.limit_train_batches=50) ;;
+  small) budget_args=(data.source.train_per_class=50 trainer.max_epochs=2 trainer.limit_train_batches=20) ;;
+  medium) budget_args=(trainer.max_epochs=4 trainer.limit_train_batches=50) ;;
   *) echo "budget must be small or medium, got $budget" >&2; exit 2 ;;
 esac
 for strategy in source_only dann mmd; do
   .venv/bin/python train.py data=mnist5k_to_digits strategy="$strategy" seed="$seed" \
-    monitor=val/source_acc data.image_size=32 "${budget_args[@]}" +trainer.limit_val_batches=10 \
+    monitor=val/source_acc data.image_size=32 "${budget_args[@]}" trainer.limit_val_batches=10 \
     module.optimizer.lr=1e-3 logger=none callbacks.rich_progress_bar=null +trainer.enable_progress_bar=false \
     paths.output_dir="docs/results/domain_adaptation/runs/${budget}/${strategy}_seed${seed}"
 done

@@ -13,8 +13,8 @@ shift || true
 arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=(multitask pcgrad alone_digit alone_fashion)
 out=docs/results/multitask/runs
-common=(data=mnist5k_fashion seed="$seed" data.image_size=32 trainer.max_epochs=4 +trainer.limit_train_batches=50
-  +trainer.limit_val_batches=10 module.optimizer.lr=1e-3 logger=none callbacks.rich_progress_bar=null
+common=(data=mnist5k_fashion seed="$seed" data.image_size=32 trainer.max_epochs=4 trainer.limit_train_batches=50
+  trainer.limit_val_batches=10 module.optimizer.lr=1e-3 logger=none callbacks.rich_progress_bar=null
   +trainer.enable_progress_bar=false)
 for arm in "${arms[@]}"; do
   case "$arm" in
