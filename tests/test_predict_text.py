@@ -170,6 +170,8 @@ def test_a_single_text_is_one_text_and_files_split_only_at_line_ends(text_run, t
     assert [r["text"] for r in predict(model, collect_texts(texts="superb"), top_k=1, device="cpu")] == [
         "superb"
     ]
+    (row,) = predict(model, ["superb"], device="cpu")  # top_k default: 5, or every class when fewer (2)
+    assert len(row["predictions"]) == 2
     with pytest.raises(ValueError, match=r"texts\[0\]=5 is not a text"):
         collect_texts(texts=[5, "great"])
     listing = tmp_path / "texts.txt"

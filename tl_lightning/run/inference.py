@@ -462,7 +462,7 @@ def resolve_device(device: str) -> torch.device:
 def predict(
     model: TrainedModel,
     inputs: Sequence[Path] | Sequence[str],
-    top_k: int = 5,
+    top_k: int | None = None,
     batch_size: int = 32,
     device: str = "auto",
 ) -> list[dict]:
@@ -472,7 +472,8 @@ def predict(
         model: From :func:`load_trained`.
         inputs: Image files (see :func:`collect_inputs`), or texts for a text model
             (see :func:`collect_texts`).
-        top_k: Classes reported per input, ``1..len(class_names)``.
+        top_k: Classes reported per input, ``1..len(class_names)``; ``None``: 5, or every class when
+            there are fewer.
         batch_size: Inputs per forward pass.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
 
@@ -483,6 +484,8 @@ def predict(
     Raises:
         ValueError: On an out-of-range ``top_k`` or ``batch_size``, or an unreadable image.
     """
+    if top_k is None:
+        top_k = min(5, len(model.class_names))
     if not 1 <= top_k <= len(model.class_names):
         raise ValueError(f"top_k={top_k} must be in 1..{len(model.class_names)} (the number of classes)")
     if batch_size < 1:
@@ -653,7 +656,7 @@ def predict_to_file(
     ckpt_path: str | Path,
     inputs: str | Path | Sequence[str | Path] | None,
     output: str | Path,
-    top_k: int = 5,
+    top_k: int | None = None,
     batch_size: int = 32,
     device: str = "auto",
     texts: Sequence[str] | None = None,
