@@ -131,3 +131,14 @@ class Recorder(pl.Callback):
             {g.get("name", "other"): g["lr"] for opt in trainer.optimizers for g in opt.param_groups}
         )
         self.trainable.append({n for n, p in pl_module.named_parameters() if p.requires_grad})
+
+
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    """Every tensor in a nest of dicts, lists and tuples (a checkpoint, a callback's state)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in tensors_in(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in tensors_in(value)]
+    return []

@@ -35,3 +35,28 @@ def make_cfg(tmp_path):
             )
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer random BERT (hidden 32, with pooler, seed 0) saved with the MiniLM tokenizer: a text
+    backbone that builds offline in a second (``backbone=hf_encoder backbone.model_name=<it>``)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tl_lightning.backbones import TextConfig
+    from tl_lightning.backbones.hf import MINILM
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(config).save_pretrained(path)
+    TextConfig(MINILM, 256, "mean").load_tokenizer().save_pretrained(path)
+    return path

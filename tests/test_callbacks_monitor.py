@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from callback_helpers import TinyModel, dataloader, make_trainer
+from callback_helpers import TinyModel, dataloader, make_trainer, tensors_in
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tl_lightning.callbacks import GradualUnfreeze, LayerDriftMonitor, TrainableParamsMonitor
@@ -70,16 +70,6 @@ def test_drift_state_is_keyed_by_selector(tmp_path):
     assert a.state_dict()["fingerprint"] != b.state_dict()["fingerprint"]
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for value in tree.values() for t in _tensors(value)]
-    if isinstance(tree, (list, tuple)):
-        return [t for value in tree for t in _tensors(value)]
-    return []
-
-
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_checkpoint_holds_no_drift_reference_and_resume_logs_the_same_drift(tmp_path):
     monitor = LayerDriftMonitor()
@@ -91,10 +81,10 @@ def test_checkpoint_holds_no_drift_reference_and_resume_logs_the_same_drift(tmp_
     checkpoint = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
     state = checkpoint["callbacks"][monitor.state_key]
     assert set(state) == {"fingerprint"} and isinstance(state["fingerprint"], str)
-    assert _tensors(state) == []
+    assert tensors_in(state) == []
     # no copy of any starting weight anywhere (ModelCheckpoint keeps a scalar score)
-    assert [t.shape for t in _tensors(checkpoint["callbacks"]) if t.numel() > 1] == []
-    assert len(_tensors(checkpoint["state_dict"])) > 0  # the checks above see tensors where there are some
+    assert [t.shape for t in tensors_in(checkpoint["callbacks"]) if t.numel() > 1] == []
+    assert len(tensors_in(checkpoint["state_dict"])) > 0  # the checks above see tensors where there are some
 
     resumed = EpochMetrics()
     make_trainer(tmp_path, 3, [LayerDriftMonitor(), GradualUnfreeze(milestones=[1, 2]), resumed]).fit(

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_lightning.backbones import TextConfig
-from tl_lightning.backbones.hf import MINILM
 from tl_lightning.run.checkpointing import METADATA_KEY, load_checkpoint
 from tl_lightning.run.formats import export_hf, export_text_onnx, export_timm
 from tl_lightning.run.inference import load_trained
@@ -45,26 +43,6 @@ TEXT_FAST = [
 ]
 GOOD = ["a moving, funny and wise film", "great acting and a clever script", "a joy from start to finish"]
 BAD = ["dull, slow and far too long", "the plot makes no sense at all", "a waste of a fine cast"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer random BERT (hidden 32, with pooler) saved with the MiniLM tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(config).save_pretrained(path)
-    TextConfig(MINILM, 256, "mean").load_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

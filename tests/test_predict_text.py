@@ -15,8 +15,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import tl_lightning
-from tl_lightning.backbones import TextConfig
-from tl_lightning.backbones.hf import MINILM
 from tl_lightning.modules import TransferModule
 from tl_lightning.run.inference import collect_texts, export, export_checkpoint, predict, predict_to_file
 from tl_lightning.run.pipeline import train
@@ -27,23 +25,10 @@ BAD = ["dull, slow and far too long", "the plot makes no sense at all", "a waste
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory) -> tuple[Path, object]:
+def text_run(tmp_path_factory, tiny_bert) -> tuple[Path, object]:
     """A one-epoch run of a tiny random BERT (saved with save_pretrained) on 60 labelled reviews,
     with a token limit of 8 so that some texts are truncated: ``(last.ckpt, the run's config)``."""
-    from transformers import BertConfig, BertModel
-
     root = tmp_path_factory.mktemp("text")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(root / "bert")
-    TextConfig(MINILM, 256, "mean").load_tokenizer().save_pretrained(root / "bert")
     with (root / "reviews.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["review", "label"])
@@ -55,7 +40,7 @@ def text_run(tmp_path_factory) -> tuple[Path, object]:
             "train",
             overrides=[
                 "backbone=hf_encoder",
-                f"backbone.model_name={root / 'bert'}",
+                f"backbone.model_name={tiny_bert}",
                 "data=text_files",
                 f"data.train_file={root / 'reviews.csv'}",
                 "data.text_column=review",

@@ -17,7 +17,6 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from tl_lightning.backbones import TextConfig, hf_encoder
-from tl_lightning.backbones.hf import MINILM
 from tl_lightning.data import RottenTomatoesDataModule, TextFilesDataModule
 from tl_lightning.data.text import pad_batch, rotten_tomatoes_path
 from tl_lightning.run.feature_cache import CachedFeatureDataModule, cache_key, extract_features
@@ -26,26 +25,6 @@ from tl_lightning.run.pipeline import train
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GOOD = ["a moving, funny and wise film", "great acting and a clever script", "a joy from start to finish"]
 BAD = ["dull, slow and far too long", "the plot makes no sense at all", "a waste of a fine cast"]
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer random BERT (hidden 32, with pooler) saved with the MiniLM tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(config).save_pretrained(path)
-    TextConfig(MINILM, 256, "mean").load_tokenizer().save_pretrained(path)
-    return path
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> Path:

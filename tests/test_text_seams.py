@@ -20,19 +20,12 @@ import torch
 from ddp_text_script import BATCH_SIZE, EPOCHS
 from hydra import compose, initialize_config_dir
 from test_text import BAD, CONF_DIR, GOOD, _write_csv
-from test_text import tiny_bert as _tiny_bert  # noqa: F401 (a fixture, used by tiny_bert below)
 
 from tl_lightning.backbones import TextConfig, hf_encoder
 from tl_lightning.backbones.hf import MINILM
 from tl_lightning.data import HFDatasetDataModule, TextFilesDataModule
 from tl_lightning.data.text import pad_batch
 from tl_lightning.run.pipeline import rebuild_module, train
-
-
-@pytest.fixture
-def tiny_bert(_tiny_bert) -> Path:  # noqa: F811 (the imported fixture)
-    """The 2-layer random BERT of ``test_text.py`` (with pooler), saved with the MiniLM tokenizer."""
-    return _tiny_bert
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from callback_helpers import tensors_in
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -234,16 +235,6 @@ def test_unused_run_dir_is_removed_only_when_it_holds_hydra_files_alone(tmp_path
     assert remove_unused_run_dir(run_dir, "train") and not run_dir.exists()
 
 
-def _tensors(tree) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for value in tree.values() for t in _tensors(value)]
-    if isinstance(tree, (list, tuple)):
-        return [t for value in tree for t in _tensors(value)]
-    return []
-
-
 def _drift(cfg) -> list[dict[str, float]]:
     """``drift/*`` of every epoch, from ``csv/metrics.csv``."""
     rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
@@ -268,7 +259,7 @@ def test_resumed_run_logs_the_drift_of_an_uninterrupted_one_without_storing_its_
     drift_state = next(state for key, state in callbacks.items() if key.startswith("LayerDriftMonitor"))
     assert set(drift_state) == {"fingerprint"}
     backbone_size = sum(p.numel() for p in small_cnn(channels=(8, 16)).parameters())
-    sizes = [t.numel() for t in _tensors(callbacks)]
+    sizes = [t.numel() for t in tensors_in(callbacks)]
     assert max(sizes, default=0) < 10 < backbone_size  # ModelCheckpoint's scores; no copy of the backbone
 
     resumed = make_cfg(*small, "trainer.max_epochs=2", f"ckpt_path={last}", run="resumed")

@@ -98,18 +98,24 @@ def module_from_run_config(
     if cfg.get("adapter") is not None:
         backbone = instantiate(cfg.adapter, backbone=backbone)
     backbone.pop_source_head()
-    head_cfg = OmegaConf.masked_copy(
-        cfg.head, [k for k in cfg.head if k not in ("in_features", "num_classes")]
-    )
-
-    def head(n: int) -> nn.Module:
-        return instantiate(head_cfg, in_features=backbone.num_features, num_classes=n)
-
     if isinstance(num_classes, Mapping):
-        heads, num_classes = {task: head(n) for task, n in num_classes.items()}, dict(num_classes)
+        heads = {task: build_head(cfg.head, backbone.num_features, n) for task, n in num_classes.items()}
+        num_classes = dict(num_classes)
     else:
-        heads = head(num_classes)
+        heads = build_head(cfg.head, backbone.num_features, num_classes)
     return instantiate(cfg.module, backbone=backbone, head=heads, num_classes=num_classes)
+
+
+def build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> nn.Module:
+    """The ``head`` node built for the backbone's feature size and the class count (sizes it names are
+    replaced; ``train`` first checks that they agree).
+
+    Example::
+
+        head = build_head(OmegaConf.create({"_target_": "tl_lightning.modules.LinearHead"}), 1280, 10)
+    """
+    kept = OmegaConf.masked_copy(head_cfg, [k for k in head_cfg if k not in ("in_features", "num_classes")])
+    return instantiate(kept, in_features=num_features, num_classes=num_classes)
 
 
 def load_run_weights(

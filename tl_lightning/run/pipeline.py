@@ -23,6 +23,7 @@ from tl_lightning.backbones import TextConfig
 from tl_lightning.callbacks._resume import check_resume_callbacks
 from tl_lightning.data.text import TextDataModule
 from tl_lightning.modules.multitask import MultiTaskModule
+from tl_lightning.modules.rebuild import build_head, module_from_run_config
 from tl_lightning.run.checkpointing import (
     METADATA_KEY,
     AtomicCheckpointIO,
@@ -349,10 +350,7 @@ def _build_head(head_cfg: DictConfig, num_features: int, num_classes: int) -> to
         if given is not None and given != actual:
             source = "the backbone's feature size" if key == "in_features" else "the data's class count"
             raise ValueError(f"head.{key}={given} does not match {source} ({actual}); remove the key")
-    head_cfg = OmegaConf.masked_copy(
-        head_cfg, [k for k in head_cfg if k not in ("in_features", "num_classes")]
-    )
-    return instantiate(head_cfg, in_features=num_features, num_classes=num_classes)
+    return build_head(head_cfg, num_features, num_classes)
 
 
 def rebuild_module(
@@ -377,9 +375,7 @@ def rebuild_module(
     Raises:
         ValueError: If ``config`` lacks the ``backbone``, ``head`` or ``module`` node, naming it.
     """
-    from tl_lightning.modules.rebuild import module_from_run_config  # shared with load_from_checkpoint
-
-    module = module_from_run_config(config, num_classes, data_config)
+    module = module_from_run_config(config, num_classes, data_config)  # as load_from_checkpoint builds
     _keep_changed_only(OmegaConf.create(config), module)
     return module
 
