@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from tl_lightning.backbones import DataConfig, TextConfig
+from tl_lightning.data.curation import CuratedTraining, TrainingCuration, TrainingRows
 from tl_lightning.data.transforms import image_transform
 
 
@@ -176,9 +177,14 @@ class ClassificationDataModule(NamedClasses, pl.LightningDataModule):
             deterministic (which feature caching relies on).
         shuffle_seed: Seed of the per-epoch training order (:class:`EpochShuffleSampler`) and of the
             augmentation draws (:class:`EpochSeededDataset`).
+        exclude: A ``label_issues.csv`` of this training split whose flagged rows are dropped
+            (:class:`~tl_lightning.data.curation.TrainingCuration`).
+        exclude_top: Drop the ``N`` highest-scored rows of ``exclude`` instead of the flagged ones.
+        label_noise: ``{rate, kind, seed}`` of label noise planted in the training split.
 
     Raises:
-        ValueError: If ``batch_size`` < 1 or ``num_workers`` < 0.
+        ValueError: If ``batch_size`` < 1 or ``num_workers`` < 0, or on bad ``exclude_top`` / ``label_noise``.
+        FileNotFoundError: If ``exclude`` is not a file.
     """
 
     def __init__(
@@ -188,6 +194,10 @@ class ClassificationDataModule(NamedClasses, pl.LightningDataModule):
         num_workers: int,
         augment: bool,
         shuffle_seed: int = 0,
+        *,
+        exclude: str | None = None,
+        exclude_top: int | None = None,
+        label_noise: dict | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -204,6 +214,8 @@ class ClassificationDataModule(NamedClasses, pl.LightningDataModule):
         self.test_set: Dataset | None = None
         self.probe_set: Dataset | None = None
         self.class_names: list[str] = []
+        self.curation = TrainingCuration(exclude, exclude_top, label_noise)
+        self.curated: CuratedTraining | None = None
 
     @classmethod
     def eval_transform(cls, data_config: DataConfig | dict, image_size: int | None = None) -> Callable:
@@ -213,6 +225,15 @@ class ClassificationDataModule(NamedClasses, pl.LightningDataModule):
         the data module (its data need not exist where the model is used).
         """
         return image_transform(as_data_config(data_config), train=False, augment=False, image_size=image_size)
+
+    def curate_training(self, rows: TrainingRows, labels) -> CuratedTraining:
+        """Apply ``exclude`` / ``exclude_top`` / ``label_noise`` to the training split (once, in ``setup()``).
+
+        Subclasses call it with the names and labels of their training rows (after ``train_per_class``)
+        and build the training set from the result, which is also kept as :attr:`curated`.
+        """
+        self.curated = self.curation.apply(rows, labels, self.class_names, type(self).__name__)
+        return self.curated
 
     @property
     def deterministic_train(self) -> bool:

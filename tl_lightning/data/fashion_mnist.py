@@ -135,6 +135,9 @@ class FashionMNISTDataModule(GrayscaleDataModule):
         augment: Random affine jitter on training images.
         num_workers: ``DataLoader`` workers.
         shuffle_seed: Seed of the per-epoch training order.
+        exclude: A ``label_issues.csv`` of this training split; its flagged rows are dropped.
+        exclude_top: Drop the ``N`` highest-scored rows of ``exclude`` instead.
+        label_noise: ``{rate, kind, seed}`` of label noise planted in the training split.
 
     Raises:
         FileNotFoundError: In :meth:`setup`, if the files are missing under ``root`` (run ``make data``).
@@ -161,6 +164,9 @@ class FashionMNISTDataModule(GrayscaleDataModule):
         augment: bool = False,
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        exclude: str | None = None,
+        exclude_top: int | None = None,
+        label_noise: dict | None = None,
     ) -> None:
         super().__init__(
             data_config,
@@ -174,6 +180,9 @@ class FashionMNISTDataModule(GrayscaleDataModule):
             augment=augment,
             num_workers=num_workers,
             shuffle_seed=shuffle_seed,
+            exclude=exclude,
+            exclude_top=exclude_top,
+            label_noise=label_noise,
         )
         if isinstance(val_per_class, bool) or not isinstance(val_per_class, int) or val_per_class < 1:
             raise ValueError(f"data.val_per_class must be an integer >= 1, got {val_per_class!r}")

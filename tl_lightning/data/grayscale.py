@@ -25,6 +25,7 @@ from tl_lightning.data.base import (
     stratified_split,
     take_per_class,
 )
+from tl_lightning.data.curation import TrainingRows
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,10 @@ class GrayscaleDataModule(ClassificationDataModule):
         augment: Random affine jitter on training images.
         num_workers: ``DataLoader`` workers (0 is fastest for in-memory tensors).
         shuffle_seed: Seed of the per-epoch training order (resume-exact shuffling).
+        exclude: A ``label_issues.csv`` of this training split (rows named by ``item``, the row of
+            the loaded data set); its flagged rows are dropped.
+        exclude_top: Drop the ``N`` highest-scored rows of ``exclude`` instead.
+        label_noise: ``{rate, kind, seed}`` of label noise planted in the training split.
 
     Raises:
         ValueError: On fractions that leave no training data, unknown classes in ``classes`` or
@@ -144,8 +149,20 @@ class GrayscaleDataModule(ClassificationDataModule):
         augment: bool = False,
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        exclude: str | None = None,
+        exclude_top: int | None = None,
+        label_noise: dict | None = None,
     ) -> None:
-        super().__init__(data_config, batch_size, num_workers, augment, shuffle_seed)
+        super().__init__(
+            data_config,
+            batch_size,
+            num_workers,
+            augment,
+            shuffle_seed,
+            exclude=exclude,
+            exclude_top=exclude_top,
+            label_noise=label_noise,
+        )
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1, "
@@ -192,9 +209,12 @@ class GrayscaleDataModule(ClassificationDataModule):
         local = take_per_class(labels[train_idx], self.train_per_class, self.subset_seed)
         train_idx = train_idx[local]
         self.class_names = [arrays.class_names[c] for c in self.classes]
+        curated = self.curate_training(TrainingRows("item", [str(i) for i in train_idx]), labels[train_idx])
+        train_idx, given = train_idx[curated.keep], labels.copy()
+        given[train_idx] = curated.labels
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-            check_split(labels[idx], self.class_names, split)
-        self.train_set = self._dataset(arrays, train_idx, labels, self.augment)
+            check_split(given[idx], self.class_names, split)
+        self.train_set = self._dataset(arrays, train_idx, given, self.augment)
         self.val_set = self._dataset(arrays, val_idx, labels, augment=False)
         self.test_set = self._dataset(arrays, test_idx, labels, augment=False)
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from tl_lightning.backbones import DataConfig
 from tl_lightning.data.base import ClassificationDataModule, check_split, stratified_split, take_per_class
+from tl_lightning.data.curation import TrainingRows
 from tl_lightning.data.images import ImageFiles, check_disjoint, class_folders, find_images, inspect_images
 from tl_lightning.data.transforms import image_transform
 
@@ -40,6 +41,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         skip_corrupt: Drop unreadable images instead of stopping.
         shuffle_seed: Seed of the per-epoch training order and of the augmentation draws.
         num_workers: ``DataLoader`` workers.
+        exclude: A ``label_issues.csv`` of this training split (rows named by ``path``); its flagged
+            rows are dropped.
+        exclude_top: Drop the ``N`` highest-scored rows of ``exclude`` instead.
+        label_noise: ``{rate, kind, seed}`` of label noise planted in the training split.
 
     Raises:
         FileNotFoundError: If ``root`` does not exist, naming ``data.root``.
@@ -65,8 +70,20 @@ class ImageFolderDataModule(ClassificationDataModule):
         skip_corrupt: bool = False,
         num_workers: int = 2,
         shuffle_seed: int = 0,
+        exclude: str | None = None,
+        exclude_top: int | None = None,
+        label_noise: dict | None = None,
     ) -> None:
-        super().__init__(data_config, batch_size, num_workers, augment, shuffle_seed)
+        super().__init__(
+            data_config,
+            batch_size,
+            num_workers,
+            augment,
+            shuffle_seed,
+            exclude=exclude,
+            exclude_top=exclude_top,
+            label_noise=label_noise,
+        )
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={str(self.root)!r} is not a directory")
@@ -89,6 +106,9 @@ class ImageFolderDataModule(ClassificationDataModule):
             samples = self._split(self._samples(self.root))
         check_disjoint(samples, self._digests)
         samples["train"] = self._take_per_class(samples["train"])
+        train = samples["train"]
+        curated = self.curate_training(TrainingRows("path", [p for p, _ in train]), [y for _, y in train])
+        samples["train"] = list(zip(curated.rows.keys, curated.labels.tolist(), strict=True))
         for split in SPLITS:
             check_split([label for _, label in samples[split]], self.class_names, split)
         self.train_set, self.val_set, self.test_set = (

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tl_lightning.backbones import TextConfig
 from tl_lightning.data.base import ClassificationDataModule, EpochShuffleSampler, check_split, take_per_class
+from tl_lightning.data.curation import TrainingRows
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -152,6 +153,10 @@ class TextDataModule(ClassificationDataModule):
         group_by_length: Form training batches of similar length (:class:`LengthGroupedSampler`):
             less padding, faster epochs, still a new random order every epoch (from ``shuffle_seed``
             and the epoch); under DDP every process trains on its own shard.
+        exclude: A ``label_issues.csv`` of this training split (rows named by ``text``); its flagged
+            rows are dropped.
+        exclude_top: Drop the ``N`` highest-scored rows of ``exclude`` instead.
+        label_noise: ``{rate, kind, seed}`` of label noise planted in the training split.
 
     Raises:
         TypeError: If the backbone is not a text encoder (its ``data_config`` is no ``TextConfig``).
@@ -172,8 +177,20 @@ class TextDataModule(ClassificationDataModule):
         shuffle_seed: int = 0,
         num_workers: int = 0,
         group_by_length: bool = False,
+        exclude: str | None = None,
+        exclude_top: int | None = None,
+        label_noise: dict | None = None,
     ) -> None:
-        super().__init__(data_config, batch_size, num_workers, False, shuffle_seed)
+        super().__init__(
+            data_config,
+            batch_size,
+            num_workers,
+            False,
+            shuffle_seed,
+            exclude=exclude,
+            exclude_top=exclude_top,
+            label_noise=label_noise,
+        )
         self.group_by_length = group_by_length
         if not isinstance(self.data_config, TextConfig):
             raise TypeError(
@@ -240,6 +257,9 @@ class TextDataModule(ClassificationDataModule):
         keep = take_per_class(labels["train"], self.train_per_class, self.subset_seed)
         tables["train"] = ([tables["train"][0][i] for i in keep], [tables["train"][1][i] for i in keep])
         labels["train"] = labels["train"][keep]
+        curated = self.curate_training(TrainingRows("text", tables["train"][0]), labels["train"])
+        tables["train"] = (curated.rows.keys, [self.class_names[y] for y in curated.labels])
+        labels["train"] = curated.labels
         for split in SPLITS:
             _check_labels(tables[split][1], labels[split], self.class_names, split)
         self.tokenizer = self.data_config.load_tokenizer()

@@ -90,6 +90,7 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
 
         check_adapter_callbacks(callbacks, cfg.strategy_name)
     callbacks += [RunMetadata(_run_metadata(cfg, backbone, datamodule)), _ParameterCountLog()]
+    curation = _curation_summary(datamodule)  # data.exclude / data.label_noise, for metrics.json
     cached = _feature_cache_mode(cfg, callbacks, datamodule, module)
     if cached != "off":
         cache_dir = Path(cfg.paths.cache_dir) / "features" if cached == "disk" else None
@@ -128,6 +129,8 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
         }
+        if curation:
+            metrics["curation"] = curation
         out = Path(cfg.paths.output_dir) / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False))
@@ -167,6 +170,13 @@ def _run_directory_lock(output_dir: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _curation_summary(datamodule) -> dict:
+    """What ``data.exclude`` / ``data.exclude_top`` / ``data.label_noise`` did to the training split
+    (rows excluded and the file, labels flipped); empty when nothing was done or the data has no such keys."""
+    curated = getattr(datamodule, "curated", None)
+    return dict(curated.summary) if curated is not None else {}
 
 
 def _trainer_plugins(cfg: DictConfig) -> list:
