@@ -1,8 +1,9 @@
 """Parameter-efficient fine-tuning and model merging.
 
-``peft``: ``strategy=lora|ia3`` wrap a backbone with Hugging Face PEFT adapters, and checkpoints keep
-what trains; ``merging``: task vectors, weighted sums, negation, TIES and DARE in weight space (the
-checkpoint-level merge of ``scripts/merge.py`` is :mod:`tl_lightning.run.merge`).
+``peft``: ``strategy=lora|ia3|qlora|prefix_tuning|prompt_tuning`` wrap a backbone with Hugging Face
+PEFT adapters, and checkpoints keep what trains; ``merging``: task vectors, weighted sums, negation,
+TIES and DARE in weight space (the checkpoint-level merge of ``scripts/merge.py`` is
+:mod:`tl_lightning.run.merge`).
 """
 
 from tl_lightning.adapters.merging import (
@@ -12,7 +13,7 @@ from tl_lightning.adapters.merging import (
     merge_task_vectors,
     task_vector,
 )
-from tl_lightning.adapters.peft import ia3, lora
+from tl_lightning.adapters.peft import ia3, lora, prefix_tuning, prompt_tuning, qlora
 
 __all__ = [
     "TaskVector",
@@ -21,5 +22,8 @@ __all__ = [
     "lora",
     "lora_task_vector",
     "merge_task_vectors",
+    "prefix_tuning",
+    "prompt_tuning",
+    "qlora",
     "task_vector",
 ]

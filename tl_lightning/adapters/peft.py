@@ -1,6 +1,8 @@
-"""Parameter-efficient fine-tuning through Hugging Face PEFT: ``strategy=lora`` and ``strategy=ia3``.
+"""Parameter-efficient fine-tuning through Hugging Face PEFT (``strategy=lora|ia3|qlora|prefix_tuning|...``).
 
-:func:`lora` and :func:`ia3` wrap a :class:`~tl_lightning.backbones.Backbone`'s model in a
+:func:`lora` and :func:`ia3` (any backbone), :func:`qlora` (a 4-bit decoder plus LoRA) and
+:func:`prefix_tuning` / :func:`prompt_tuning` (decoder language models only) wrap a
+:class:`~tl_lightning.backbones.Backbone`'s model in a
 ``peft.PeftModel`` (``get_peft_model``): only the adapter weights of the backbone train, every base
 weight is frozen; the new target head (outside the backbone) trains in full and the source head stays
 frozen. The adapters attach to the backbone's own ``peft_targets`` (EfficientNet-Lite: the pointwise
@@ -27,20 +29,32 @@ the adapters into plain weights (``merge_and_unload``) for inference and export.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
+import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from tl_lightning.backbones import Backbone
+from tl_lightning.backbones import Backbone, TextBackbone, TextConfig
 from tl_lightning.callbacks import Freeze
 from tl_lightning.callbacks.freeze import changes_trainability
 
 _PEFT_PREFIX = "base_model.model."
+_PROMPT_PREFIX = "base_model."  # prompt learning wraps the model itself, without a tuner layer between
 _BASE_LAYER = ".base_layer"
 _HOOKS = "_adapter_state_hooks"
 
@@ -94,6 +108,165 @@ def ia3(backbone: Backbone, target_modules: Sequence[str] | str | None = None) -
     """
     targets = _targets(backbone, target_modules)
     return wrap_backbone(backbone, IA3Config(target_modules=targets, feedforward_modules=[]))
+
+
+def prefix_tuning(backbone: Backbone, num_virtual_tokens: int = 16) -> Backbone:
+    """Wrap a decoder with prefix tuning (``peft.PrefixTuningConfig``): learned keys and values per layer.
+
+    ``num_virtual_tokens`` key/value pairs per attention layer are prepended to every sequence through
+    the model's ``past_key_values``; the base stays frozen. Works for ``backbone=hf_decoder``
+    (classification) and causal language models alike (the PEFT task type follows the model: a model
+    with an LM head is ``CAUSAL_LM``, a decoder stack ``FEATURE_EXTRACTION``). Batches are padded on
+    the right (PEFT drops position ids, so positions count from the first token).
+
+    Args:
+        backbone: A decoder backbone; its ``model`` is replaced by the ``PeftModel``.
+        num_virtual_tokens: Length of the learned prefix.
+
+    Raises:
+        ValueError: For an encoder or image backbone (see :func:`check_decoder`), or
+            ``num_virtual_tokens < 1``.
+
+    Example::
+
+        backbone = prefix_tuning(hf_decoder(), num_virtual_tokens=16)
+    """
+    check_decoder(backbone, "prefix_tuning")
+    if num_virtual_tokens < 1:
+        raise ValueError(f"adapter.num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+    config = PrefixTuningConfig(task_type=_task_type(backbone), num_virtual_tokens=num_virtual_tokens)
+    return _right_padded(wrap_backbone(backbone, config))
+
+
+def prompt_tuning(backbone: Backbone, num_virtual_tokens: int = 16, init_text: str | None = None) -> Backbone:
+    """Wrap a decoder with prompt tuning (``peft.PromptTuningConfig``): learned input embeddings.
+
+    ``num_virtual_tokens`` embedding vectors are prepended to every sequence's token embeddings (the
+    model's outputs grow by as many positions, in front); the base stays frozen. Decoders only, and
+    right padding, as for :func:`prefix_tuning`.
+
+    Args:
+        backbone: A decoder backbone; its ``model`` is replaced by the ``PeftModel``.
+        num_virtual_tokens: Number of learned embeddings.
+        init_text: Start from the embeddings of this text's tokens (PEFT's ``TEXT`` init, read with the
+            backbone's tokenizer); ``None``: random vectors drawn from the vocabulary's embeddings.
+
+    Raises:
+        ValueError: For an encoder or image backbone, or ``num_virtual_tokens < 1``.
+    """
+    check_decoder(backbone, "prompt_tuning")
+    if num_virtual_tokens < 1:
+        raise ValueError(f"adapter.num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+    text = {} if init_text is None else {
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": init_text,
+        "tokenizer_name_or_path": backbone.data_config.tokenizer,
+    }  # fmt: skip
+    config = PromptTuningConfig(task_type=_task_type(backbone), num_virtual_tokens=num_virtual_tokens, **text)
+    return _right_padded(wrap_backbone(backbone, config))
+
+
+def qlora(
+    backbone: Backbone,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | str | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+) -> Backbone:
+    """QLoRA: the decoder's linear layers in 4 bits (bitsandbytes), LoRA adapters on top.
+
+    The base is loaded again from the model's folder (``backbone.data_config.tokenizer``: decoders keep
+    tokenizer and weights together) through ``transformers``' ``BitsAndBytesConfig``
+    (``load_in_4bit``, ``quant_type``, float32 compute), prepared with PEFT's
+    ``prepare_model_for_kbit_training`` (every base weight frozen, norms in float32), and wrapped with
+    :func:`lora`. bitsandbytes 0.50 runs 4-bit layers on x86-64 CPUs as well as on CUDA. Checkpoints
+    hold the adapters and the head; the quantised base is rebuilt from the pretrained weights (NF4
+    quantisation is deterministic).
+
+    Args:
+        backbone: A decoder backbone built from pretrained weights (``backbone=hf_decoder`` or a causal LM).
+        r, alpha, dropout, target_modules: As for :func:`lora`.
+        quant_type: ``nf4`` (normal float, QLoRA's) or ``fp4``.
+        double_quant: Quantise the quantisation constants too (QLoRA's double quantisation).
+
+    Raises:
+        ValueError: For an encoder or image backbone, or a ``quant_type`` other than nf4/fp4.
+        RuntimeError: If bitsandbytes is missing or cannot quantise here, with its reason (before training).
+
+    Example::
+
+        backbone = qlora(hf_decoder(), r=8)  # 4-bit SmolLM2 decoder stack + LoRA on q_proj/v_proj
+    """
+    check_decoder(backbone, "qlora")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"adapter.quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it for BitsAndBytesConfig)
+
+        settings = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        quantized = AutoModelForCausalLM.from_pretrained(
+            backbone.data_config.tokenizer, quantization_config=settings
+        )
+    except (ImportError, RuntimeError, ValueError) as error:
+        raise RuntimeError(
+            f"strategy=qlora: bitsandbytes cannot load a 4-bit model here ({type(error).__name__}: {error}); "
+            "install it with `pip install 'tl-lightning[qlora]'`, or use strategy=lora"
+        ) from error
+    has_head = backbone.model.get_output_embeddings() is not None
+    model = quantized if has_head else quantized.base_model
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False).train()
+    names = {name for name, _ in model.named_parameters()}
+    if names != set(backbone._group_of):
+        raise ValueError(
+            f"strategy=qlora: the 4-bit reload of {backbone.data_config.tokenizer!r} has other parameters "
+            f"than backbone {backbone.name!r}: {sorted(names ^ set(backbone._group_of))[:6]}"
+        )
+    backbone.model = model
+    return lora(backbone, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
+
+
+def check_decoder(backbone: Backbone, strategy: str) -> None:
+    """Stop before training unless ``backbone`` is a decoder language model (prefix/prompt tuning, QLoRA).
+
+    Raises:
+        ValueError: For a Hugging Face encoder (BERT family: in ``transformers`` 5.x its attention
+            takes no ``past_key_values``, so PEFT's prefix would be ignored - its gradient is zero -
+            and prompt tuning is offered with prefix tuning, for decoders) or an image backbone.
+    """
+    model = getattr(backbone, "model", None)
+    decoder = isinstance(getattr(backbone, "data_config", None), TextConfig) and not isinstance(
+        backbone, TextBackbone
+    )
+    if not decoder or not hasattr(getattr(model, "config", None), "num_hidden_layers"):
+        kind = "a Hugging Face encoder" if isinstance(backbone, TextBackbone) else "not a language model"
+        raise ValueError(
+            f"strategy={strategy} adapts decoder language models (backbone=hf_decoder or a causal LM); "
+            f"backbone {getattr(backbone, 'name', type(backbone).__name__)!r} is {kind}: PEFT prefix tuning "
+            "needs past_key_values, which BERT encoders in transformers 5.x lack (the prefix would be "
+            "silently ignored); use strategy=lora|ia3 there"
+        )
+
+
+def _task_type(backbone: Backbone) -> TaskType:
+    """``CAUSAL_LM`` for a model with an LM head (its generation works), else ``FEATURE_EXTRACTION``."""
+    has_head = backbone.model.get_output_embeddings() is not None
+    return TaskType.CAUSAL_LM if has_head else TaskType.FEATURE_EXTRACTION
+
+
+def _right_padded(backbone: Backbone) -> Backbone:
+    """Prompt learning ignores position ids: text data must pad on the right (positions from the start)."""
+    backbone.data_config = dataclasses.replace(backbone.data_config, padding_side="right")
+    return backbone
 
 
 def wrap_backbone(backbone: Backbone, config: PeftConfig) -> Backbone:
@@ -155,9 +328,22 @@ def _prefix_groups(group_of: dict[str, str]) -> dict[str, str]:
     return groups
 
 
+def _plain_name(name: str) -> str:
+    """A ``PeftModel`` parameter or state name as in the unwrapped model (PEFT's prefix and
+    ``.base_layer`` removed)."""
+    prefix = _PEFT_PREFIX if name.startswith(_PEFT_PREFIX) else _PROMPT_PREFIX
+    return name.removeprefix(prefix).replace(_BASE_LAYER, "")
+
+
 def _group_of_peft_name(name: str, groups: dict[str, str]) -> str:
-    """The layer group of a parameter of the ``PeftModel``, from the groups of the unwrapped model."""
-    parts = name.removeprefix(_PEFT_PREFIX).replace(_BASE_LAYER, "").split(".")
+    """The layer group of a parameter of the ``PeftModel``, from the groups of the unwrapped model.
+
+    Prompt-learning parameters (``prompt_encoder.*``: virtual token embeddings, per-layer prefixes)
+    act at the input: they join the first (input-side) group.
+    """
+    if not name.startswith(_PROMPT_PREFIX):
+        return next(iter(groups.values()))
+    parts = _plain_name(name).split(".")
     for end in range(len(parts), 0, -1):
         group = groups.get(".".join(parts[:end]))
         if group is not None:
@@ -222,12 +408,7 @@ def _not_pretrained_keys(state: dict, adapted: nn.Module, backbone: str) -> set[
     """
     names = set(getattr(adapted, "not_pretrained", ()))
     prefix = f"{backbone}.model."
-    return {
-        key
-        for key in state
-        if key.startswith(prefix)
-        and key.removeprefix(prefix).removeprefix(_PEFT_PREFIX).replace(_BASE_LAYER, "") in names
-    }
+    return {key for key in state if key.startswith(prefix) and _plain_name(key.removeprefix(prefix)) in names}
 
 
 def _drop_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata, *, keys: frozenset) -> None:
@@ -236,7 +417,10 @@ def _drop_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata,
 
 
 def _fill_keys(module: nn.Module, state_dict: dict, prefix: str, *args, keys: frozenset) -> None:
-    current = dict(module.named_parameters()) | dict(module.named_buffers())
+    # every name of a shared tensor (PEFT prompt learning keeps the embeddings also as word_embeddings)
+    current = dict(module.named_parameters(remove_duplicate=False)) | dict(
+        module.named_buffers(remove_duplicate=False)
+    )
     for key in keys:
         state_dict.setdefault(prefix + key, current[key])
 
@@ -248,20 +432,20 @@ def merge_adapter(module: nn.Module, backbone: str = "backbone") -> bool:
     inference cost), its layer groups the original names, and ``module.state_dict()`` holds every
     weight again.
 
+    Prompt-learning adapters (prefix and prompt tuning) have no weights to fold in: they stay, and
+    the module keeps running through PEFT.
+
     Returns:
-        Whether there was an adapter to merge.
+        Whether an adapter was merged.
     """
     adapted = module.get_submodule(backbone)
-    if not is_adapted(adapted):
+    if not is_adapted(adapted) or adapted.model.active_peft_config.is_prompt_learning:
         return False
     for handle in getattr(module, _HOOKS, []):
         handle.remove()
     if hasattr(module, _HOOKS):
         object.__delattr__(module, _HOOKS)
-    plain = {
-        name.removeprefix(_PEFT_PREFIX).replace(_BASE_LAYER, ""): group
-        for name, group in adapted._group_of.items()
-    }
+    plain = {_plain_name(name): group for name, group in adapted._group_of.items()}
     adapted.model = adapted.model.merge_and_unload()
     adapted._group_of = {name: plain[name] for name, _ in adapted.model.named_parameters()}
     return True

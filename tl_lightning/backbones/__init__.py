@@ -6,7 +6,8 @@ its layer groups ordered input -> output, and, when the weights bring one, the p
 classifier (the *source head*). The data pipeline reads ``data_config`` from here, so
 normalisation can never mismatch the weights. One module per family: ``timm_models``
 (EfficientNet-Lite0/1/2 and any timm name), ``torchvision_models``, ``small_cnn``,
-``hf`` (Hugging Face text encoders, whose ``data_config`` is a :class:`TextConfig`), and ``cut``
+``hf`` (Hugging Face text encoders, whose ``data_config`` is a :class:`TextConfig`), ``hf_decoder``
+(decoder language models: ``load_causal_lm``, and ``hf_decoder`` for classification), and ``cut``
 (``cut_backbone``: keep the layers up to one layer group). A backbone read back from an earlier
 run's checkpoint is :func:`tl_lightning.run.source_checkpoint.from_checkpoint`.
 """
@@ -14,6 +15,7 @@ run's checkpoint is :func:`tl_lightning.run.source_checkpoint.from_checkpoint`.
 from tl_lightning.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
 from tl_lightning.backbones.cut import cut_backbone
 from tl_lightning.backbones.hf import TextBackbone, TextConfig, hf_encoder
+from tl_lightning.backbones.hf_decoder import DecoderBackbone, hf_decoder, load_causal_lm
 from tl_lightning.backbones.small_cnn import small_cnn
 from tl_lightning.backbones.timm_models import (
     efficientnet_lite0,
@@ -28,13 +30,16 @@ __all__ = [
     "IMAGENET_STD",
     "Backbone",
     "DataConfig",
+    "DecoderBackbone",
     "TextBackbone",
     "TextConfig",
     "cut_backbone",
     "efficientnet_lite0",
     "efficientnet_lite1",
     "efficientnet_lite2",
+    "hf_decoder",
     "hf_encoder",
+    "load_causal_lm",
     "small_cnn",
     "timm_backbone",
     "torchvision_backbone",

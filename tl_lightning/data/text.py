@@ -51,12 +51,14 @@ class TokenizedTexts(Dataset):
 
 
 def pad_batch(
-    samples: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]], pad_token_id: int
+    samples: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+    pad_token_id: int,
+    padding_side: str = "right",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Pad a list of samples to the longest one in it (dynamic padding).
 
     ``input_ids`` are padded with ``pad_token_id``, every other key (``attention_mask``,
-    ``token_type_ids``) with 0, on the right.
+    ``token_type_ids``) with 0, on ``padding_side`` (``right`` or ``left``, the tokenizer's).
 
     Example::
 
@@ -68,7 +70,10 @@ def pad_batch(
         fill = pad_token_id if key == "input_ids" else 0
         padded = torch.full((len(samples), length), fill, dtype=torch.long)
         for row, (tokens, _) in enumerate(samples):
-            padded[row, : len(tokens[key])] = tokens[key]
+            if padding_side == "left":
+                padded[row, length - len(tokens[key]) :] = tokens[key]
+            else:
+                padded[row, : len(tokens[key])] = tokens[key]
         batch[key] = padded
     return batch, torch.stack([torch.as_tensor(label) for _, label in samples])
 
@@ -322,8 +327,8 @@ class TextDataModule(ClassificationDataModule):
         return TokenizedTexts(encodings, torch.as_tensor(labels, dtype=torch.long), texts)
 
     def collate_fn(self, samples):
-        """Dynamic padding with the tokenizer's pad id (see :func:`pad_batch`)."""
-        return pad_batch(samples, self.tokenizer.pad_token_id or 0)
+        """Dynamic padding with the tokenizer's pad id, on its padding side (see :func:`pad_batch`)."""
+        return pad_batch(samples, self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
