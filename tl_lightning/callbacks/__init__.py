@@ -3,6 +3,7 @@
 from tl_lightning.callbacks.freeze import Freeze
 from tl_lightning.callbacks.layerwise import LayerwiseLR
 from tl_lightning.callbacks.linear_probe import ConvergedLinearProbe
+from tl_lightning.callbacks.lm_retention import LMRetention
 from tl_lightning.callbacks.monitor import LayerDriftMonitor, TrainableParamsMonitor
 from tl_lightning.callbacks.penalty import EWC, L2SP
 from tl_lightning.callbacks.retention import SourceRetention
@@ -16,6 +17,7 @@ __all__ = [
     "L2SP",
     "LayerDriftMonitor",
     "LayerwiseLR",
+    "LMRetention",
     "SourceRetention",
     "TrainableParamsMonitor",
 ]

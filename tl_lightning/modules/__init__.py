@@ -6,6 +6,7 @@ DANN and MMD), ``heads`` (:class:`LinearHead`, :class:`MLPHead`) and ``optim`` (
 warm-up schedules). The losses they train with live in :mod:`tl_lightning.objectives`.
 """
 
+from tl_lightning.modules.causal_lm import CausalLMModule
 from tl_lightning.modules.domain_adaptation import DomainAdaptationModule
 from tl_lightning.modules.heads import LinearHead, MLPHead
 from tl_lightning.modules.multitask import MultiTaskModule
@@ -13,6 +14,7 @@ from tl_lightning.modules.optim import named_param_groups, warmup_cosine, warmup
 from tl_lightning.modules.transfer import TransferModule
 
 __all__ = [
+    "CausalLMModule",
     "DomainAdaptationModule",
     "LinearHead",
     "MLPHead",

@@ -27,6 +27,7 @@ def check_config(cfg: DictConfig) -> None:
     """
     _check_moved_targets(cfg)
     _check_numbers(cfg)
+    _check_task(cfg)
     if "weight_decay" in cfg.module.optimizer:
         raise ValueError(
             f"module.optimizer.weight_decay={cfg.module.optimizer.weight_decay} would be ignored: every "
@@ -217,6 +218,57 @@ def _check_schedule(cfg: DictConfig) -> None:
                 f"part-way. Raise {key} to at least {max(late) + 1}, or set allow_short_schedule=true if "
                 f"you mean to cut the schedule short"
             )
+
+
+def _check_task(cfg: DictConfig) -> None:
+    """The module's task (``classification``, or ``causal_lm``: ``CausalLMModule.task``) fits the data's,
+    the backbone and the head: a language model with its LM head and no new head for ``causal_lm``.
+
+    Raises:
+        ValueError: Naming the mismatched keys and the ``task=...`` choice that fits.
+    """
+    from hydra.utils import get_class, get_object
+
+    from tl_lightning.modules.causal_lm import LanguageModel, language_model_head
+
+    task = getattr(get_class(cfg.module._target_), "task", "classification")
+    data_task = getattr(get_class(cfg.data._target_), "task", "classification")
+    factory = get_object(cfg.backbone._target_)
+    language_model = _returns(factory, LanguageModel)
+    if data_task != task:
+        raise ValueError(
+            f"data._target_={cfg.data._target_} is {data_task} data but module._target_={cfg.module._target_} "
+            f"trains {task}: use task={data_task} (or data=rotten_tomatoes_instruct|instructions|lm_text|"
+            f"rotten_tomatoes_text for task=causal_lm)"
+        )
+    if task == "causal_lm" and not language_model:
+        raise ValueError(
+            f"task=causal_lm fine-tunes a language model with its LM head: backbone._target_={cfg.backbone._target_} "
+            "is not one; use backbone=causal_lm"
+        )
+    if task != "causal_lm" and language_model:
+        raise ValueError(
+            f"backbone._target_={cfg.backbone._target_} is a language model with its LM head: train it with "
+            "task=causal_lm, or classify with backbone=hf_decoder"
+        )
+    if task == "causal_lm" and get_object(cfg.head._target_) is not language_model_head:
+        raise ValueError(
+            f"task=causal_lm trains the language model's own LM head: head._target_={cfg.head._target_} would add "
+            "a new one; use head=language_model"
+        )
+
+
+def _returns(factory, kind: type) -> bool:
+    """Whether ``factory`` is ``kind`` or a function annotated to return ``kind`` (or a subclass)."""
+    import typing
+
+    if isinstance(factory, type):
+        return issubclass(factory, kind)
+    try:
+        returned = typing.get_type_hints(factory).get("return")
+    except (NameError, TypeError):  # annotations that do not resolve here: not ours
+        return False
+    return isinstance(returned, type) and issubclass(returned, kind)
 
 
 def _max_steps(cfg: DictConfig) -> int | None:
