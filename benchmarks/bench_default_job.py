@@ -9,9 +9,10 @@ The phases add up to the child's wall time:
   callbacks are built), then the trainer and ``fit``'s own set-up; the imports alone (``import hydra,
   tl_lightning.run.pipeline``, what ``train.py`` imports) are timed in a separate child, interleaved;
 * sanity-check validation, training epochs (batches, data loading, step hooks), validation, checkpoint
-  writing (best and last ``ModelCheckpoint``, through ``AtomicCheckpointIO``), the rest of ``fit``
-  (epoch-end callbacks and logging), loading the best checkpoint for the test, the test loop, and the
-  exit (``metrics.json``, interpreter shutdown).
+  saving as the training thread sees it (best and last ``ModelCheckpoint``; with the pipeline's
+  ``AsyncAtomicCheckpointIO`` that is the tensors' snapshot, the write runs beside training), the rest
+  of ``fit`` (epoch-end callbacks and logging), loading the best checkpoint for the test, the test loop,
+  and the exit (``metrics.json``, interpreter shutdown).
 
 The job uses torch's default thread count, as ``make train`` does; the child's threads are printed.
 
@@ -75,9 +76,18 @@ class PhaseTimer(pl.Callback):
             self._start("checkpoint")
             save(filepath, *args, **kwargs)
             self._end("checkpoint")
-            self.stamps.setdefault("checkpoint_bytes", []).append(os.path.getsize(filepath))
 
         trainer.save_checkpoint = timed_save
+        writer = trainer.strategy.checkpoint_io  # the innermost writer: it runs when the file is complete
+        while getattr(writer, "checkpoint_io", None) is not None:
+            writer = writer.checkpoint_io
+        write = writer.save_checkpoint
+
+        def counted_write(checkpoint, path, *args, **kwargs) -> None:
+            write(checkpoint, path, *args, **kwargs)
+            self.stamps.setdefault("checkpoint_bytes", []).append(os.path.getsize(path))
+
+        writer.save_checkpoint = counted_write
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start("sanity check")

@@ -10,7 +10,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 from tl_lightning.backbones import efficientnet_lite0, small_cnn, torchvision_backbone
-from tl_lightning.run.checkpointing import AtomicCheckpointIO
+from tl_lightning.run.checkpointing import AsyncAtomicCheckpointIO
 from tl_lightning.run.pipeline import _trainer_plugins
 from tl_lightning.run.sync_batchnorm import NormActSyncBatchNorm
 
@@ -63,7 +63,7 @@ def test_the_pipelines_trainer_converts_with_the_plugin(make_cfg):
         _trainer_plugins(cfg)
     cfg.trainer.accelerator = "gpu"
     plugins = _trainer_plugins(cfg)
-    assert [type(p) for p in plugins] == [AtomicCheckpointIO, NormActSyncBatchNorm]
+    assert [type(p) for p in plugins] == [AsyncAtomicCheckpointIO, NormActSyncBatchNorm]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", sync_batchnorm=True, plugins=plugins, logger=False
     )

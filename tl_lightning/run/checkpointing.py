@@ -4,6 +4,8 @@
   fsyncs it and renames it over the destination, so the previous checkpoint stays intact until the
   new one is complete, whatever file system the run directory is on (Lightning's own save goes
   through a temporary file in ``TMPDIR`` and copies it over the destination).
+* ``AsyncAtomicCheckpointIO`` (what ``train`` uses) does the same writes in a background thread, in
+  the order they were asked for, removals included, while training goes on.
 * ``RunMetadata`` stores ``checkpoint["tl_lightning"]``: the resolved config, the strategy, the class
   names and the backbone's preprocessing, as plain data (loadable with ``weights_only=True``), so
   ``predict.py``/``export.py`` can rebuild the model and a resume can check it runs the same recipe.
@@ -24,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from typing_extensions import override
 
 from tl_lightning.modules.rebuild import (  # noqa: F401 (re-exported: run/ reads checkpoints through here)
@@ -74,6 +77,58 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             raise OSError(full.errno, _out_of_space_message(full.errno, destination, written)) from error
         _fsync_directory(destination.parent)
+
+
+class AsyncAtomicCheckpointIO(AsyncCheckpointIO):
+    """:class:`AtomicCheckpointIO`'s writes in one background thread, so training does not wait for them.
+
+    Lightning's ``AsyncCheckpointIO`` copies the checkpoint's tensors on the calling thread (a snapshot
+    the next optimizer step cannot change) and hands the write to a single worker thread. Here removals
+    (``ModelCheckpoint`` deleting the previous best after saving the new one) go through that thread too,
+    so they happen after every write asked for before them, and a load first waits for pending writes.
+    Each write is still atomic (temporary file next to the destination, fsync, rename): a kill at any
+    instant leaves the previous complete checkpoint. Every write has finished when ``fit`` ends
+    (Lightning calls :meth:`teardown`); a failed write (a full disk) raises at the next save, load or
+    removal, or at the end of ``fit``, with :class:`AtomicCheckpointIO`'s message.
+
+    Example::
+
+        trainer = pl.Trainer(plugins=[AsyncAtomicCheckpointIO()])
+    """
+
+    def __init__(self) -> None:
+        super().__init__(AtomicCheckpointIO())
+
+    @override
+    def remove_checkpoint(self, path) -> None:
+        self._ensure_setup()
+        self._executor.submit(self._remove, path)
+        self._raise_failure()
+
+    def _remove(self, path) -> None:
+        try:
+            self.checkpoint_io.remove_checkpoint(path)
+        except BaseException as error:
+            self._error = error
+
+    @override
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def wait(self) -> None:
+        """Block until every write and removal asked for so far is done.
+
+        Raises:
+            OSError: What a failed write raised (e.g. a full disk), naming the checkpoint.
+        """
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _out_of_space(error: BaseException) -> OSError | None:

@@ -26,7 +26,7 @@ from tl_lightning.modules.multitask import MultiTaskModule
 from tl_lightning.modules.rebuild import build_head, module_from_run_config
 from tl_lightning.run.checkpointing import (
     METADATA_KEY,
-    AtomicCheckpointIO,
+    AsyncAtomicCheckpointIO,
     RunMetadata,
     load_checkpoint,
     plain_data_config,
@@ -182,14 +182,14 @@ def _curation_summary(datamodule) -> dict:
 
 
 def _trainer_plugins(cfg: DictConfig) -> list:
-    """Atomic checkpoint writes always; with ``trainer.sync_batchnorm=true``, a conversion that keeps
-    timm's fused BatchNorm + activation layers (Lightning's own drops their activations).
+    """Atomic checkpoint writes in a background thread always; with ``trainer.sync_batchnorm=true``, a
+    conversion that keeps timm's fused BatchNorm + activation layers (Lightning's own drops the activations).
 
     Raises:
         ValueError: On ``trainer.sync_batchnorm=true`` with ``trainer.accelerator=cpu`` (torch's
             ``SyncBatchNorm`` runs on GPUs only).
     """
-    plugins = [AtomicCheckpointIO()]
+    plugins = [AsyncAtomicCheckpointIO()]
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
         if OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
             raise ValueError(
