@@ -37,6 +37,21 @@ def reviews(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2(tiny_llama, tmp_path_factory) -> Path:
+    """A 2-layer random GPT-2 (learned *absolute* position embeddings, unlike Llama's rotary ones, which
+    are shift-invariant) with the same tokenizer: padding on the left shifts its positions."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _cfg(tmp_path, tiny_llama, reviews, *overrides, run="run"):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(
@@ -75,14 +90,17 @@ def test_layer_groups_and_no_lm_head(tiny_llama):
         hf_decoder(str(tiny_llama), padding_side="middle")
 
 
-@pytest.mark.parametrize("pooling", ["lasttoken", "mean"])
-def test_left_and_right_padding_give_identical_logits(tiny_llama, reviews, pooling):
-    """Through the data module's own batches: the tokenizer's padding side, the same features and logits."""
+@pytest.mark.parametrize(("model", "pooling"), [("tiny_llama", "lasttoken"), ("tiny_gpt2", "mean")])
+def test_left_and_right_padding_give_identical_logits(request, reviews, model, pooling):
+    """Through the data module's own batches: the tokenizer's padding side, the same features and logits.
+
+    GPT-2's absolute positions make left padding wrong unless position ids skip the padding."""
+    folder = request.getfixturevalue(model)
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 2)
     logits, alone = {}, None
     for side in ("right", "left"):
-        backbone = hf_decoder(str(tiny_llama), pooling=pooling, padding_side=side).eval()
+        backbone = hf_decoder(str(folder), pooling=pooling, padding_side=side).eval()
         data = TextFilesDataModule(backbone.data_config, str(reviews), batch_size=8)
         data.setup("fit")
         assert data.tokenizer.padding_side == side
