@@ -10,7 +10,7 @@ of each ratio's median, so two runs on a quiet machine can be compared (goal: wi
 
 Usage::
 
-    python benchmarks/summary.py [--out outputs/bench] [--timeout 900] [SCRIPT ...]
+    python benchmarks/summary.py [--out outputs/bench] [--timeout 2700] [SCRIPT ...]
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scripts", nargs="*", type=Path, help="default: every benchmarks/bench_*.py")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per script")
+    parser.add_argument(
+        "--timeout", type=float, default=2700, help="seconds per script (bench_text takes the longest)"
+    )
     args = parser.parse_args()
     scripts = args.scripts or sorted(HERE.glob("bench_*.py"))
     args.out.mkdir(parents=True, exist_ok=True)
