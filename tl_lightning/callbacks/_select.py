@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tl_lightning.callbacks._sharded import reshard
+
 ModuleSelector = str | Sequence[str]
 LayerGroupsArg = Mapping[str, Sequence[str]]
 
@@ -126,11 +128,13 @@ def canonical_names(root: nn.Module) -> dict[int, str]:
 
 
 def parameters_by_name(root: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
-    """Current parameters of ``root`` by canonical name (look them up again after a strategy moved them).
+    """Current parameters of ``root`` by canonical name (look them up again after a strategy moved them;
+    under FSDP2, the sharded ones).
 
     Raises:
         KeyError: If a name is not a parameter name of ``root``; the message lists a few that are.
     """
+    reshard(root)
     params = dict(root.named_parameters())
     unknown = [name for name in names if name not in params]
     if unknown:
@@ -312,7 +316,9 @@ def _qualify(prefix: str, name: str) -> str:
 def layer_parameters(
     root: nn.Module, groups: Mapping[str, Sequence[str]]
 ) -> dict[str, dict[str, nn.Parameter]]:
-    """``{group: {parameter name: parameter}}`` for layer groups given as parameter names in ``root``."""
+    """``{group: {parameter name: parameter}}`` for layer groups given as parameter names in ``root``
+    (under FSDP2, the sharded parameters)."""
+    reshard(root)
     params = dict(root.named_parameters())
     return {group: {name: params[name] for name in names} for group, names in groups.items()}
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from lightning.pytorch import LightningModule
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 
 def source_method(pl_module: LightningModule, name: str, owner: str) -> Callable[[Tensor], Tensor]:
@@ -16,12 +17,19 @@ def source_method(pl_module: LightningModule, name: str, owner: str) -> Callable
         name: The ``source_forward`` argument of the calling callback.
         owner: The callback's class name, for the message.
 
+    Under FSDP2 (a module ``fully_shard``-ed as a whole) the method is registered as a forward method
+    (``register_fsdp_forward_method``), so that calling it gathers the parameters the root holds, as
+    ``forward`` does.
+
     Raises:
         AttributeError: If the module has no such method; the message lists the module's public
             methods that end in ``logits``, the usual spelling of a source head.
     """
     method = getattr(pl_module, name, None)
     if callable(method):
+        if isinstance(pl_module, FSDPModule) and name != "forward" and name not in vars(pl_module):
+            register_fsdp_forward_method(pl_module, name)  # patches the instance: once
+            method = getattr(pl_module, name)
         return method
     candidates = sorted(
         n

@@ -84,6 +84,7 @@ class LayerwiseLR(Callback):
             except re.error as err:
                 raise ValueError(f"`lrs` key {pattern!r} is not a valid regex: {err}") from err
         self.layer_groups = as_layer_groups_arg(layer_groups)
+        self._layer_names: dict[str, list[str]] = {}
         self._layers: dict[str, dict[str, nn.Parameter]] = {}
         self.factors: dict[str, float] = {}
         self._logged_step = -1
@@ -93,6 +94,7 @@ class LayerwiseLR(Callback):
         if stage != "fit":
             return
         names = layer_groups(pl_module, self.modules, self.layer_groups)
+        self._layer_names = names
         self._layers = layer_parameters(pl_module, names)
         self.factors = self._factors(list(names))
         self._logged_step = -1
@@ -116,6 +118,8 @@ class LayerwiseLR(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # looked up again: FSDP2's configure_model replaced the parameters setup() saw
+        self._layers = layer_parameters(pl_module, self._layer_names)
         partition_optimizers(trainer, self._layers)
         factor_of = {
             id(p): self.factors[layer] for layer, group in self._layers.items() for p in group.values()

@@ -19,6 +19,7 @@ from tl_lightning.callbacks._select import (
     layer_groups,
     parameters_by_name,
 )
+from tl_lightning.callbacks._sharded import full_from_local, is_sharded, local, sum_over_shards
 
 
 class TrainableParamsMonitor(Callback):
@@ -118,35 +119,54 @@ class LayerDriftMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored is None and not self._initial:
+            self._initial = self._selected(pl_module)
+            self._fingerprint = self._fingerprint_of(self._initial, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after every strategy restored the checkpoint (FSDP2's ModelParallelStrategy: after on_fit_start)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         if self._restored is not None:
             self._initial = self._reference_for(self._restored, pl_module)
-        elif not self._initial:
-            self._initial = self._selected(pl_module)
-        self._fingerprint = _fingerprint(self._initial)
+        self._fingerprint = self._fingerprint_of(self._initial, pl_module)
         self._restored, self._before_load = None, {}
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
+        params = parameters_by_name(pl_module, [n for names in self._groups.values() for n in names])
         drift = {}
         for group, names in self._groups.items():
-            moved = initial = 0.0
+            sums = torch.zeros(2, dtype=torch.float64)  # moved, initial: over local shards under FSDP2
             for name in names:
-                start = self._initial[name]
-                moved += (params[name].detach().cpu().float() - start.float()).square().sum().item()
-                initial += start.float().square().sum().item()
+                start = self._initial[name].double()
+                sums[0] += (local(params[name].detach()).cpu().double() - start).square().sum()
+                sums[1] += start.square().sum()
+            moved, initial = self._complete(sums, [params[n] for n in names]).tolist()
             drift[f"drift/{group}"] = (moved / initial) ** 0.5 if initial > 0 else moved**0.5
         pl_module.log_dict(drift, on_step=False, on_epoch=True, batch_size=1)
 
+    @staticmethod
+    def _complete(sums: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        """Sums over local shards made whole (all-reduced on the parameters' device when sharded)."""
+        if not any(is_sharded(p) for p in params):
+            return sums
+        return sum_over_shards(sums.to(local(params[0]).device), params).cpu()
+
     def _selected(self, pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """CPU copies of the watched parameters, by name."""
+        """CPU copies of the watched parameters (this rank's shards under FSDP2), by name."""
         names = [name for names in self._groups.values() for name in names]
         return {
-            name: p.detach().to("cpu", copy=True) for name, p in parameters_by_name(pl_module, names).items()
+            name: local(p.detach()).to("cpu", copy=True)
+            for name, p in parameters_by_name(pl_module, names).items()
         }
+
+    def _fingerprint_of(self, tensors: Mapping[str, torch.Tensor], pl_module: torch.nn.Module) -> str:
+        """The fingerprint of the whole tensors: shards are gathered one at a time under FSDP2."""
+        params = parameters_by_name(pl_module, list(tensors))
+        return _fingerprint({n: full_from_local(t, params[n]) for n, t in tensors.items()})
 
     def _keep_weights_before_load(self, module: torch.nn.Module, *args: Any) -> None:
         """``load_state_dict`` pre-hook: the last weights before a load are the resumed fit's θ₀."""
@@ -165,9 +185,9 @@ class LayerDriftMonitor(Callback):
         now = {n: p.dtype for n, p in parameters_by_name(pl_module, list(self._before_load)).items()}
         converted = {n: t.to(now.get(n, t.dtype)) for n, t in self._before_load.items()}
         for candidate in (self._before_load, converted):
-            if candidate and _fingerprint(candidate) == fingerprint:
+            if candidate and self._fingerprint_of(candidate, pl_module) == fingerprint:
                 return candidate
-        found = _fingerprint(self._before_load) if self._before_load else None
+        found = self._fingerprint_of(self._before_load, pl_module) if self._before_load else None
         held = f"weights with fingerprint {found}" if found else "no weights (not loaded by load_state_dict)"
         raise ValueError(
             f"{type(self).__name__}({self.modules}) cannot resume its drift: the checkpoint's run "

@@ -37,8 +37,17 @@ from typing_extensions import override
 from tl_lightning.callbacks._select import (
     ModuleSelector,
     as_selector_list,
+    parameters_by_name,
     selected_parameters,
     shared_parameters,
+)
+from tl_lightning.callbacks._sharded import (
+    full,
+    is_sharded,
+    local,
+    shard_like,
+    sum_over_shards,
+    unsharded_copy,
 )
 from tl_lightning.callbacks._source import source_method
 from tl_lightning.fisher import FISHER_MODES, FisherMode, fisher_diagonal
@@ -69,19 +78,20 @@ class _Term:
         ]
         if not index:
             return None
-        params = [self.params[i] for i in index]
-        grads = [p.grad for p in params]
+        # local shards under FSDP2 (anchors and importances are sharded like their parameters)
+        params = [local(self.params[i]) for i in index]
+        grads = [local(self.params[i].grad) for i in index]
         diffs = params
         if self.anchors is not None:
             if not self._scratch:
-                self._scratch = [torch.empty_like(a) for a in self.anchors]
+                self._scratch = [torch.empty_like(local(a)) for a in self.anchors]
             diffs = [self._scratch[i] for i in index]
             torch._foreach_copy_(diffs, params)
-            torch._foreach_sub_(diffs, [self.anchors[i] for i in index])
+            torch._foreach_sub_(diffs, [local(self.anchors[i]) for i in index])
         if self.importances is None:
             torch._foreach_add_(grads, diffs, alpha=self.strength * grad_scale)
         else:
-            importances = [self.importances[i] for i in index]
+            importances = [local(self.importances[i]) for i in index]
             torch._foreach_addcmul_(grads, diffs, importances, value=self.strength * grad_scale)
         if not with_value:
             return None
@@ -89,7 +99,8 @@ class _Term:
         if self.importances is not None:
             torch._foreach_mul_(squares, importances)
         # the squares are non-negative, so their 1-norms are their sums
-        return 0.5 * self.strength * torch.stack(torch._foreach_norm(squares, 1)).sum()
+        total = torch.stack(torch._foreach_norm(squares, 1)).sum()
+        return 0.5 * self.strength * sum_over_shards(total, [self.params[i] for i in index])
 
 
 class QuadraticPenalty(Callback):
@@ -256,8 +267,11 @@ class EWC(QuadraticPenalty):
             if self._fisher:
                 fisher = {n: self.gamma * self._fisher[n].to(f) + f for n, f in fisher.items()}
             self._fisher = fisher
-            self._anchor = {name: p.detach().clone() for name, p in params.items()}
+            self._anchor = {name: p.detach().clone() for name, p in params.items()}  # sharded like p
             self._tasks += 1
+        # where the parameters are: on their device, sharded like them under FSDP2 (a restored state is whole)
+        self._anchor = {n: _placed(self._anchor[n], p) for n, p in params.items()}
+        self._fisher = {n: _placed(self._fisher[n], p) for n, p in params.items()}
         self._terms = [
             _Term(
                 strength=self.lambda_,
@@ -271,6 +285,7 @@ class EWC(QuadraticPenalty):
         if self.fisher_path is not None:
             fisher = _load_fisher(self.fisher_path, _named(pl_module, self._names))
         else:
+            source_method(pl_module, self.source_forward, type(self).__name__)  # registered with FSDP2
             batches, shard = self._batches(trainer)
             fisher = fisher_diagonal(
                 pl_module,
@@ -298,9 +313,9 @@ class EWC(QuadraticPenalty):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "anchor": {n: t.detach().cpu() for n, t in self._anchor.items()},
-            "fisher": {n: t.detach().cpu() for n, t in self._fisher.items()},
+        return {  # whole tensors, gathered one at a time when sharded (plain data, any world size)
+            "anchor": {n: unsharded_copy(t) for n, t in self._anchor.items()},
+            "fisher": {n: unsharded_copy(t) for n, t in self._fisher.items()},
             "tasks": self._tasks,
         }
 
@@ -380,6 +395,7 @@ class L2SP(QuadraticPenalty):
             _check_state("checkpoint", self._anchor, pretrained)
         elif not self._anchor:
             self._anchor = {name: p.detach().clone() for name, p in pretrained.items()}
+        self._anchor = {n: _placed(self._anchor[n], p) for n, p in pretrained.items()}
         anchors = [_like(self._anchor[n], p) for n, p in pretrained.items()]
         self._terms = [
             _Term(self.alpha, list(pretrained.values()), anchors),
@@ -388,7 +404,7 @@ class L2SP(QuadraticPenalty):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": {n: t.detach().cpu() for n, t in self._anchor.items()}}
+        return {"anchor": {n: unsharded_copy(t) for n, t in self._anchor.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -413,13 +429,17 @@ def _grad_scale(trainer: Trainer, optimizer: Optimizer) -> float:
 
 
 def _named(pl_module: LightningModule, names: list[str]) -> dict[str, Tensor]:
-    """Current parameter objects by name (looked up again after the strategy moved the model)."""
-    params = dict(pl_module.named_parameters())
-    return {name: params[name] for name in names}
+    """Current parameter objects by name (looked up again after the strategy moved or sharded the model)."""
+    return parameters_by_name(pl_module, names)
+
+
+def _placed(value: Tensor, param: Tensor) -> Tensor:
+    """``value`` on ``param``'s device, sharded like ``param`` under FSDP2, in its own dtype."""
+    return value if is_sharded(value) else shard_like(value, param).to(value.dtype)
 
 
 def _like(value: Tensor, param: Tensor) -> Tensor:
-    return value.to(device=param.device, dtype=param.dtype)
+    return value.to(dtype=param.dtype)
 
 
 def _check_state(source: str, tensors: dict[str, Tensor], params: dict[str, Tensor]) -> None:
@@ -452,13 +472,13 @@ def _normalized(fisher: dict[str, Tensor], normalize: str | None) -> dict[str, T
     if normalize is None:
         return fisher
     names = sorted(fisher)
-    if normalize == "mean":
-        total = sum(fisher[n].double().sum() for n in names)
+    if normalize == "mean":  # full(): a DTensor's sum over its shards, all-reduced (FSDP2)
+        total = sum(full(fisher[n].double().sum()) for n in names)
         scale = total / sum(fisher[n].numel() for n in names)
     else:
-        scale = torch.stack([fisher[n].double().max() for n in names]).max()
+        scale = torch.stack([full(fisher[n].double().max()) for n in names]).max()
     if not scale > 0:
         raise ValueError(
             "the Fisher is zero everywhere, nothing to normalise; check `source_forward` and the data"
         )
-    return {name: f / scale.to(f.dtype) for name, f in fisher.items()}
+    return {name: f / (float(scale) if is_sharded(f) else scale.to(f.dtype)) for name, f in fisher.items()}

@@ -26,6 +26,7 @@ from tl_lightning.callbacks._select import (
     layer_parameters,
     modules_of_groups,
 )
+from tl_lightning.callbacks._sharded import is_sharded
 from tl_lightning.callbacks.freeze import (
     changes_trainability,
     keep_eval,
@@ -55,10 +56,13 @@ class GradualUnfreeze(Callback):
       averaged across ranks in ``on_after_backward`` of every backward DDP reduces (the last of an
       accumulation window), before a ``GradScaler`` unscales and looks for infs, so ranks stay
       identical and make the same skip/step decision; a gradient missing on every rank stays ``None``
-      (see ``tl_lightning.callbacks._ddp``).
+      (see ``tl_lightning.callbacks._ddp``). Under FSDP2 (``fully_shard`` in ``configure_model``, which
+      replaces the parameters after ``setup()``) the layer groups are looked up again by name at
+      ``on_fit_start``; FSDP2 reduce-scatters every gradient that exists, so nothing is added.
     * the stage is checkpointed as plain data; on resume it is re-applied at ``on_fit_start``, after
       ``configure_optimizers`` saw the same all-frozen model as the original run did, so the
-      optimizer layout, and with it the saved optimizer state, matches exactly.
+      optimizer layout, and with it the saved optimizer state, matches exactly (and again at
+      ``on_train_start``, for strategies that restore a checkpoint after ``on_fit_start``).
     * frozen normalisation layers stay in eval mode (running statistics untouched) until unfrozen.
 
     Args:
@@ -117,6 +121,7 @@ class GradualUnfreeze(Callback):
         self.warmup_steps = warmup_steps
         self.layer_groups = as_layer_groups_arg(layer_groups)
 
+        self._layer_names: dict[str, list[str]] = {}
         self._layers: dict[str, dict[str, nn.Parameter]] = {}
         self._blocks: list[list[str]] = []
         self._module_groups: dict[str, set[str]] = {}
@@ -147,6 +152,7 @@ class GradualUnfreeze(Callback):
             return
         names = layer_groups(pl_module, self.modules, self.layer_groups)
         self._blocks = self._plan(list(names))
+        self._layer_names = names
         self._layers = layer_parameters(pl_module, names)
         self._module_groups = modules_of_groups(pl_module, self.modules, names)
         norms = norm_layers(pl_module, self.modules)
@@ -174,13 +180,19 @@ class GradualUnfreeze(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # 0. a first phase with nothing to train would fail in autograd at the first step
+        # 0. the parameter objects now: FSDP2's configure_model replaced those setup() saw
+        self._layers = layer_parameters(pl_module, self._layer_names)
+        # a first phase with nothing to train would fail in autograd at the first step
         self._check_first_phase_trains(trainer, pl_module)
         # 1. one named group per layer group, frozen parameters added, schedulers remapped
         partition_optimizers(trainer, self._layers)
-        # 2. what DDP reduces: what required grad when it wrapped the model (everything selected is frozen)
+        # 2. what the strategy reduces: under DDP what required grad when it wrapped the model (everything
+        # selected is frozen); under FSDP2 (DTensor parameters) every gradient, frozen at the start or not
         self._ddp_managed = {
-            id(p) for group in self._layers.values() for p in group.values() if p.requires_grad
+            id(p)
+            for group in self._layers.values()
+            for p in group.values()
+            if p.requires_grad or is_sharded(p)
         }
         self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         # 3. milestones the run is too short to reach
@@ -191,13 +203,18 @@ class GradualUnfreeze(Callback):
                 f"({trainer.estimated_stepping_batches} optimizer steps), so layer groups "
                 f"{self._blocks[self.milestones.index(milestone)]} are never unfrozen"
             )
-        # 4. the stage restored from a checkpoint, if any
+        # 4. the stage restored from a checkpoint, if any (see on_train_start for sharded strategies)
         self._apply(trainer, pl_module)
         self._trainer = trainer
         if self.warmup_steps:
             for optimizer in trainer.optimizers:
                 self._hooks.append(optimizer.register_step_pre_hook(self._warm_up))
                 self._hooks.append(optimizer.register_step_post_hook(self._restore_lrs))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # strategies that restore after on_fit_start (FSDP2's ModelParallelStrategy) load the stage only now
+        self._apply(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

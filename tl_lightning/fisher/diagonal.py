@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from tl_lightning._modes import eval_mode
 from tl_lightning.fisher.layer_hooks import LayerHooks, Rule, layer_rule, vjp_rule
+from tl_lightning.fisher.sharded import is_sharded_model, sharded_fisher
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,14 @@ def fisher_diagonal(
     if memory_budget < 1:
         raise ValueError(f"`memory_budget` must be a positive number of bytes, got {memory_budget}")
 
+    names = _parameter_names(model, params)
+    if is_sharded_model(p for name, p in model.named_parameters() if name in set(names)):
+        return sharded_fisher(
+            model, batches, names, mode=mode, max_samples=max_samples, method=method, seed=seed,
+            shard=shard, unpack=_unpack, sample_labels=sample_labels,
+        )  # fmt: skip
     net = model if method == "forward" else _BoundMethod(model, method)
     prefix = "" if net is model else "module."
-    names = _parameter_names(model, params)
     named = dict(net.named_parameters())
     selected = {prefix + name: named[prefix + name] for name in names}
     settings = _Settings(mode, max_samples, chunk_size, seed, shard, memory_budget)

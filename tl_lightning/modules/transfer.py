@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from tl_lightning.backbones import Backbone
 from tl_lightning.modules.optim import named_param_groups
 from tl_lightning.modules.rebuild import METADATA_KEY, load_run_checkpoint
+from tl_lightning.modules.sharding import readable_checkpoint, shard_layer_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., object]
@@ -100,7 +101,8 @@ class TransferModule(pl.LightningModule):
         The returned module is in eval mode, on the CPU, or moved to ``map_location`` (a device).
 
         Args:
-            checkpoint_path: A ``checkpoints/*.ckpt`` file of a run.
+            checkpoint_path: A ``checkpoints/*.ckpt`` file of a run (or directory, under ``trainer=fsdp``:
+                consolidated first, see :func:`~tl_lightning.modules.sharding.readable_checkpoint`).
             map_location: The device to move the module to (``None``: the CPU); a mapping or a
                 function (Lightning's other forms) only for a checkpoint without the record.
             **kwargs: Only for a checkpoint without the record: Lightning's ``load_from_checkpoint``
@@ -118,6 +120,7 @@ class TransferModule(pl.LightningModule):
             module = TransferModule.load_from_checkpoint("outputs/train/<run>/checkpoints/last.ckpt")
             logits = module(images)
         """
+        checkpoint_path = readable_checkpoint(checkpoint_path)  # trainer=fsdp: a directory, consolidated
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
         if METADATA_KEY not in checkpoint:
             kwargs = {"weights_only": True, **kwargs}  # safe unless the caller says otherwise
@@ -203,6 +206,19 @@ class TransferModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, self.test_metrics, "test")
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp|fsdp_cpu``): shard with FSDP2.
+
+        Each layer group (a transformer layer, a convolutional stage) becomes an FSDP unit, then the whole
+        module; the trainer's ``bf16-mixed``/``16-mixed`` precision becomes FSDP2's mixed-precision policy.
+        Source-head and multi-task methods other than ``forward`` are registered with FSDP by the callbacks
+        that call them. Without a device mesh (any other strategy) nothing changes.
+        """
+        if self.device_mesh is None:
+            return
+        precision = self.trainer.precision if self._trainer is not None else "32-true"
+        shard_layer_groups(self, self.layer_groups(), self.device_mesh["data_parallel"], precision)
 
     def configure_optimizers(self):
         groups = named_param_groups(self, self.layer_groups(), self.hparams.weight_decay)

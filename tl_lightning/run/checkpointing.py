@@ -36,6 +36,7 @@ from tl_lightning.modules.rebuild import (  # noqa: F401 (re-exported: run/ read
     upgrade_metadata,
     upgrade_targets,
 )
+from tl_lightning.modules.sharding import readable_checkpoint
 
 TMP_SUFFIX = ".tmp-partial"
 
@@ -241,7 +242,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the file is truncated, corrupt, or holds more than plain tensors and data.
     """
-    path = Path(path)
+    path = readable_checkpoint(path)  # a trainer=fsdp|fsdp_cpu checkpoint directory: consolidated once
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 
 from tl_lightning.run.checkpointing import moved_path
+from tl_lightning.run.sharding import check_sharding, is_sharded_checkpoint
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -38,7 +39,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"monitor_mode={cfg.monitor_mode!r} is not one of ['auto', 'min', 'max']")
     _check_schedule(cfg)
     _check_fisher_paths(cfg)
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+    check_sharding(cfg)
+    if cfg.ckpt_path and not (Path(cfg.ckpt_path).is_file() or is_sharded_checkpoint(cfg.ckpt_path)):
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
 
 

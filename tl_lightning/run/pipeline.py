@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +37,7 @@ from tl_lightning.run.config_checks import check_config
 from tl_lightning.run.feature_cache import MODES, CachedFeatureDataModule, cache_applies
 from tl_lightning.run.guards import FiniteLossGuard
 from tl_lightning.run.lock import RunLock
+from tl_lightning.run.sharding import is_sharded_trainer
 from tl_lightning.run.sync_batchnorm import NormActSyncBatchNorm
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,10 @@ def _pipeline_callbacks(cfg: DictConfig, callbacks: list, loggers: list) -> list
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
                 for path in remove_partial_checkpoints(callback.dirpath):
                     log.warning("removed %s, a partial checkpoint of an interrupted run", path)
+    # progress bars last: at on_train_epoch_end the bar computes the epoch's synced metrics on rank 0 only,
+    # so a callback's collectives after it (LayerDriftMonitor under trainer=fsdp) would meet that sync
+    bars = [c for c in callbacks if isinstance(c, ProgressBar)]
+    callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + bars
     lr = OmegaConf.select(cfg, "module.optimizer.lr", default=None)
     hint = f"Lower module.optimizer.lr (now {lr}) or check the data for NaN/inf values."
     return [*callbacks, FiniteLossGuard(hint)]
@@ -328,8 +333,8 @@ def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule, module) ->
     if mode not in MODES:
         raise ValueError(f"feature_cache={mode!r} is not one of {list(MODES)}")
     applies = cache_applies(callbacks, datamodule, module)
-    if mode == "auto":
-        return "memory" if applies else "off"
+    if mode == "auto":  # under FSDP2 the frozen backbone is sharded and run, not cached (run/sharding.py)
+        return "memory" if applies and not is_sharded_trainer(cfg) else "off"
     if mode != "off" and not applies:
         raise ValueError(
             f"feature_cache={mode} needs a frozen backbone (strategy=linear_probe) and data.augment=false"

@@ -1,0 +1,222 @@
+"""FSDP2 runs: the strategy ``trainer=fsdp|fsdp_cpu`` use, atomic sharded checkpoints, and consolidation.
+
+* :class:`ShardedDataParallel` is Lightning's ``ModelParallelStrategy`` with every process in one
+  data-parallel (sharding) dimension and no tensor parallelism, whatever the number of nodes and
+  devices; the module shards itself in ``configure_model``
+  (:func:`tl_lightning.modules.sharding.shard_layer_groups`). Its checkpoints are Lightning's distributed
+  checkpoints (a directory: one shard file per rank plus ``meta.pt``), written to a temporary directory
+  next to the destination and renamed over it once every rank has finished, so a kill mid-write keeps the
+  previous checkpoint.
+* :func:`~tl_lightning.modules.sharding.consolidate` turns such a directory into one ordinary checkpoint
+  file, which ``predict.py``, ``export.py`` and ``load_from_checkpoint`` read (they call
+  :func:`~tl_lightning.modules.sharding.readable_checkpoint`, which caches it inside the directory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
+
+from tl_lightning.modules.sharding import (
+    METADATA_FILENAME,
+    consolidate,
+    is_sharded_checkpoint,
+    readable_checkpoint,
+)
+
+__all__ = [
+    "ShardedDataParallel",
+    "check_sharding",
+    "consolidate",
+    "is_sharded_checkpoint",
+    "is_sharded_trainer",
+    "readable_checkpoint",
+]
+
+
+class ShardedDataParallel(ModelParallelStrategy):
+    """FSDP2 data parallelism over all processes (``ModelParallelStrategy(data_parallel_size=world size,
+    tensor_parallel_size=1)``), with atomic distributed checkpoints.
+
+    Args:
+        process_group_backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU); ``None`` picks the device's default.
+        **kwargs: Further ``ModelParallelStrategy`` arguments (``timeout``, ``save_distributed_checkpoint``).
+
+    Example::
+
+        strategy = ShardedDataParallel(process_group_backend="gloo")
+        trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy)
+    """
+
+    def __init__(self, process_group_backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            process_group_backend=process_group_backend,
+            **kwargs,
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every process shards data
+        super().setup_environment()
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write the checkpoint into ``.<name>.shards-partial`` beside ``filepath``, then rename it over."""
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(f".{path.name}.shards-partial")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+        self.barrier()
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            _replace(partial, path)
+        self.barrier()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a distributed checkpoint: the weights always, the optimizer states only when fitting.
+
+        Lightning's own loader builds the optimizer states to read from the optimizers as they are when it
+        runs: before the callbacks' states are restored, so with a staged unfreezing mid-schedule it asks
+        for states the checkpoint never had (of the parameters frozen when it was written) and stops, and
+        it also loads them into ``trainer.test``. Here the checkpoint's own keys decide which parameters
+        get a state; the others stay without one, as in the run that wrote it.
+        """
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_optimizer_state_dict
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)
+        # copies (of this rank's shards): DCP loads in place, and load_state_dict's pre-hooks must see the
+        # weights from before the load (LayerDriftMonitor checks a resumed run's starting point with them)
+        copies = {k: v.detach().clone() for k, v in get_model_state_dict(self.model).items()}
+        state = {"state_dict": copies}
+        load(state, checkpoint_id=path)
+        self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+            for index, optimizer in enumerate(self.optimizers):
+                key = f"optimizer_{index}"
+                target = {key: _optimizer_state_like(self.model, optimizer, saved, key)}
+                load(target, checkpoint_id=path)
+                set_optimizer_state_dict(self.model, optimizer, optim_state_dict=target[key])
+        return torch.load(path / METADATA_FILENAME, weights_only=weights_only)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            path = Path(filepath)
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def _optimizer_state_like(model: Any, optimizer: Any, saved: set[str], key: str) -> dict[str, Any]:
+    """The state dict of ``optimizer`` to load into: states for exactly the parameters the checkpoint has.
+
+    Every parameter the optimizer holds gets a state first (torch's zero-gradient, zero-lr step, with all
+    of them briefly requiring grad); those the checkpoint has none for are dropped again.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    flags = [p.requires_grad for p in held]
+    try:
+        for param in held:
+            param.requires_grad_(True)
+        state = get_optimizer_state_dict(model, optimizer)
+    finally:
+        for param, flag in zip(held, flags, strict=True):
+            param.requires_grad_(flag)
+    state["state"] = {
+        fqn: value
+        for fqn, value in state["state"].items()
+        if any(name.startswith(f"{key}.state.{fqn}.") for name in saved)
+    }
+    return state
+
+
+def _replace(source: Path, destination: Path) -> None:
+    """Rename ``source`` over ``destination`` (a directory or a file): the old one is removed only after."""
+    old = destination.with_name(f".{destination.name}.old")
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if destination.exists():
+        os.replace(destination, old)
+    os.replace(source, destination)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+SHARDED_STRATEGIES = ("ShardedDataParallel", "ModelParallelStrategy")
+# strategy_name -> why it cannot run sharded
+UNSHARDABLE = {
+    "linear_probe_lbfgs": (
+        "ConvergedLinearProbe fits the head by full-batch L-BFGS on features cached in one process; "
+        "a frozen backbone has nothing to shard: run it with trainer=cpu|gpu|ddp_cpu|ddp"
+    ),
+    "multitask_pcgrad": (
+        "PCGrad projects each task's whole backbone gradient against the others'; a rank holds only a "
+        "shard of every gradient, so the dot products would be partial: use strategy=multitask"
+    ),
+}
+
+
+def is_sharded_trainer(cfg: Any) -> bool:
+    """Whether the composed config's ``trainer.strategy`` is FSDP2 (``trainer=fsdp|fsdp_cpu``)."""
+    target = _strategy_target(cfg)
+    return target.rsplit(".", 1)[-1] in SHARDED_STRATEGIES
+
+
+def _strategy_target(cfg: Any) -> str:
+    strategy = cfg.trainer.get("strategy") if "trainer" in cfg else None
+    if strategy is None:
+        return ""
+    if isinstance(strategy, str):
+        return strategy
+    return str(strategy.get("_target_", ""))
+
+
+def check_sharding(cfg: Any) -> None:
+    """Refuse, before anything is built, what cannot train sharded, and DeepSpeed.
+
+    Args:
+        cfg: The composed ``conf/train.yaml`` config.
+
+    Raises:
+        ValueError: On a DeepSpeed strategy (FSDP2 is the supported sharded path), or under
+            ``trainer=fsdp|fsdp_cpu`` on a strategy that cannot run sharded or a forced feature cache,
+            naming why and what to use instead.
+    """
+    target = _strategy_target(cfg)
+    if "deepspeed" in target.lower():
+        raise ValueError(
+            f"trainer.strategy={target!r}: DeepSpeed is not supported (the fine-tuning callbacks freeze, "
+            "unfreeze and penalise parameters DeepSpeed partitions and owns). Sharded training runs on "
+            "FSDP2: trainer=fsdp (GPUs) or trainer=fsdp_cpu (2 CPU processes)"
+        )
+    if not is_sharded_trainer(cfg):
+        return
+    name = cfg.get("strategy_name")
+    if name in UNSHARDABLE:
+        raise ValueError(f"strategy={name} cannot run under trainer=fsdp|fsdp_cpu: {UNSHARDABLE[name]}")
+    if cfg.get("feature_cache") not in (None, "auto", "off"):
+        raise ValueError(
+            f"feature_cache={cfg.feature_cache} cannot run under trainer=fsdp|fsdp_cpu: the cache computes "
+            "the frozen backbone's features once, in one process, so nothing is left to shard; set "
+            "feature_cache=off (or auto, which is off under sharding), or use trainer=cpu|gpu|ddp"
+        )
