@@ -68,9 +68,9 @@ def probe_fit(
 
 
 def frozen_features(
-    cfg: DictConfig,
+    cfg: DictConfig, split_names: tuple[str, ...] = ("train", "val")
 ) -> tuple[ClassificationDataModule, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The data module of ``cfg`` (set up) and float64 ``(features, labels)`` of its train and val splits.
+    """The data module of ``cfg`` (set up) and float64 ``(features, labels)`` of the named splits.
 
     Raises:
         ValueError: If ``data.exclude`` is set (the scan scores the whole training split), or the data
@@ -91,7 +91,7 @@ def frozen_features(
     cached = CachedFeatureDataModule(
         data, backbone, cache_dir, OmegaConf.to_container(cfg.backbone, resolve=True)
     )
-    splits = {s: cached.features(s).tensors for s in ("train", "val")}
+    splits = {s: cached.features(s).tensors for s in split_names}
     return data, {s: (x.double().flatten(1), y.long()) for s, (x, y) in splits.items()}
 
 
