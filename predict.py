@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
         cfg.device,
         texts=_plain(cfg.texts),
         text_column=cfg.text_column,
+        generation=OmegaConf.to_container(cfg.generation),
     )
     log.info("predictions written to %s", output)
 

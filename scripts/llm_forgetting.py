@@ -44,7 +44,7 @@ METHODS = {
         "callbacks.ewc.lambda_=100.0",
         "callbacks.ewc.fisher_samples=32",
         "module.optimizer.lr=3e-5",
-    ],  # fmt: skip
+    ],
 }
 ZERO_SHOT = "zero_shot"
 GENERAL = ("python_stdlib", "python_docs")
@@ -113,8 +113,14 @@ def summarise(rows: list[dict], out: Path, args: argparse.Namespace, wall: float
         if not group:
             continue
         entry = {"method": method, "seeds": len(group), "trainable_params": group[0]["trainable_params"]}
-        for key in ("test_acc", "test_loss", "python_stdlib_ppl_change", "python_docs_ppl_change",
-                    "general_ppl_change", "wall_time_s"):  # fmt: skip
+        for key in (
+            "test_acc",
+            "test_loss",
+            "python_stdlib_ppl_change",
+            "python_docs_ppl_change",
+            "general_ppl_change",
+            "wall_time_s",
+        ):
             values = [r[key] for r in group]
             entry[key] = statistics.mean(values)
             entry[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -149,7 +155,7 @@ def summarise(rows: list[dict], out: Path, args: argparse.Namespace, wall: float
                 "methods": METHODS,
             },
             indent=2,
-        )  # fmt: skip
+        )
     )
 
 
@@ -167,9 +173,16 @@ def _plot(summary: list[dict], rows: list[dict], zero: dict, path: Path) -> None
         xs = [100 * r["general_ppl_change"] for r in runs]
         ys = [r["test_acc"] - zero["test_acc"] for r in runs]
         points = ax.scatter(xs, ys, alpha=0.35, s=18)
-        ax.errorbar(100 * e["general_ppl_change"], e["target_gain"], xerr=100 * e["general_ppl_change_sd"],
-                    yerr=e["test_acc_sd"], fmt="o", color=points.get_facecolor()[0][:3], capsize=3,
-                    label=e["method"])  # fmt: skip
+        ax.errorbar(
+            100 * e["general_ppl_change"],
+            e["target_gain"],
+            xerr=100 * e["general_ppl_change_sd"],
+            yerr=e["test_acc_sd"],
+            fmt="o",
+            color=points.get_facecolor()[0][:3],
+            capsize=3,
+            label=e["method"],
+        )
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
     ax.set_xlabel("source loss: general-text perplexity change (%, mean of 2 texts)")
@@ -197,8 +210,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "llm_forgetting")
     args = parser.parse_args()
     started = time.perf_counter()
-    zero_shot = [*common(args, args.seeds[0]), "strategy=full_finetune", "trainer.limit_train_batches=0",
-                 "module.scheduler=null"]  # fmt: skip
+    zero_shot = [
+        *common(args, args.seeds[0]),
+        "strategy=full_finetune",
+        "trainer.limit_train_batches=0",
+        "module.scheduler=null",
+    ]
     jobs = [(ZERO_SHOT, ZERO_SHOT, args.seeds[0], zero_shot)]
     for seed in args.seeds:
         for method in args.methods:

@@ -104,10 +104,17 @@ def test_labels_mask_the_prompt_and_the_padding_exactly(tiny_lm, pairs_file):
     batch = lm_collate(samples, tokenizer.pad_token_id)
     prompts, responses = data.load_pairs()["train"]
     for row, sample in enumerate(samples):
-        prompt_text = next(p for p in prompts if tokenizer(
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=False), add_special_tokens=False)["input_ids"]
-            == sample["prompt_ids"].tolist())  # fmt: skip
+        prompt_text = next(
+            p
+            for p in prompts
+            if tokenizer(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+            == sample["prompt_ids"].tolist()
+        )
         response = responses[prompts.index(prompt_text)]
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt_text}, {"role": "assistant", "content": response}],
@@ -243,12 +250,21 @@ def test_every_head_free_strategy_trains_a_language_model(tiny_lm, pairs_file, t
 def test_resumed_run_equals_the_straight_run(tiny_lm, pairs_file, tmp_path):
     from resume_helpers import last_weights
 
-    base = [*_lm_overrides(tiny_lm, pairs_file), "strategy=full_finetune", "trainer.max_epochs=2",
-            "module.optimizer.lr=1e-2"]  # fmt: skip
+    base = [
+        *_lm_overrides(tiny_lm, pairs_file),
+        "strategy=full_finetune",
+        "trainer.max_epochs=2",
+        "module.optimizer.lr=1e-2",
+    ]
     straight = _cfg(tmp_path, *base, run="straight")
     train(straight)
-    stopped = _cfg(tmp_path, *base, "+callbacks.stop._target_=resume_helpers.StopAfterEpoch",
-                   "+callbacks.stop.epoch=0", run="resumed")  # fmt: skip
+    stopped = _cfg(
+        tmp_path,
+        *base,
+        "+callbacks.stop._target_=resume_helpers.StopAfterEpoch",
+        "+callbacks.stop.epoch=0",
+        run="resumed",
+    )
     train(stopped)
     last = Path(stopped.paths.output_dir) / "checkpoints" / "last.ckpt"
     resumed = _cfg(tmp_path, *base, f"ckpt_path={last}", run="resumed")

@@ -201,8 +201,14 @@ class InstructionDataModule(LMDataModule):
         for prompt in prompts:
             prompt_ids, _ = encode_pair(self.tokenizer, prompt, None, self.chat_template, self.system_prompt)
             ids = torch.tensor(prompt_ids[: self.used_max_length])
-            samples.append({"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "prompt_ids": ids,
-                            "answer": -1})  # fmt: skip
+            samples.append(
+                {
+                    "input_ids": ids,
+                    "labels": torch.full_like(ids, IGNORE_INDEX),
+                    "prompt_ids": ids,
+                    "answer": -1,
+                }
+            )
         return LMSamples(samples)
 
 

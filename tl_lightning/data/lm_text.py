@@ -168,17 +168,38 @@ class LMDataModule(TextDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        self.load_tokenizer()
+        splits = self.build_splits()
+        self.train_set, self.val_set, self.test_set = (splits[s] for s in SPLITS)
+
+    def load_tokenizer(self) -> None:
+        """Load the language model's tokenizer (padding token as ``load_causal_lm`` sets it) and the limit."""
         from tl_lightning.backbones.hf_decoder import set_pad_token
 
         self.tokenizer = self.data_config.load_tokenizer()
         set_pad_token(self.tokenizer)
         self._max_length = self._choose_max_length([])
-        splits = self.build_splits()
-        self.train_set, self.val_set, self.test_set = (splits[s] for s in SPLITS)
 
     def build_splits(self) -> dict[str, LMSamples]:
         """``{"train": LMSamples, "val": ..., "test": ...}`` (the tokenizer is loaded)."""
         raise NotImplementedError
+
+    def prompt_samples(self, prompts: Sequence[str]) -> LMSamples:
+        """Samples of texts to continue (raw-text runs: the text itself), for generation (``predict.py``)."""
+        samples = []
+        for prompt in prompts:
+            ids = torch.tensor(
+                self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-self.used_max_length :]
+            )
+            samples.append(
+                {
+                    "input_ids": ids,
+                    "labels": torch.full_like(ids, IGNORE_INDEX),
+                    "prompt_ids": ids,
+                    "answer": -1,
+                }
+            )
+        return LMSamples(samples)
 
     def collate_fn(self, samples):
         """Right-padded inputs, left-padded prompts (:func:`lm_collate`)."""
@@ -292,8 +313,13 @@ class LMTextDataModule(LMDataModule):
             blocks = pack_blocks(ids, min(self.block_size, self.used_max_length), self.tokenizer.eos_token_id)
             limit = self.eval_limit if split != "train" else None
             splits[split] = LMSamples(blocks.samples[:limit])
-            log.info("data: %s split: %d documents, %d blocks of %d tokens", split, len(documents[split]),
-                     len(splits[split]), len(blocks.samples[0]["input_ids"]))  # fmt: skip
+            log.info(
+                "data: %s split: %d documents, %d blocks of %d tokens",
+                split,
+                len(documents[split]),
+                len(splits[split]),
+                len(blocks.samples[0]["input_ids"]),
+            )
         return splits
 
 

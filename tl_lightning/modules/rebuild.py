@@ -138,7 +138,8 @@ def load_run_weights(
     """
     own = module.state_dict()
     weights = {k: v for k, v in state_dict.items() if k in own or not k.startswith(SOURCE_HEAD)}
-    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    # every name of a frozen tensor: a tied LM head is the embedding matrix under a second name
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
     frozen |= {f"backbone.{n}" for n, _ in getattr(module, "backbone", nn.Module()).named_buffers()}
     missing = sorted(set(own) - set(weights) - (frozen if adapter else set()))
     unexpected = sorted(set(weights) - set(own))

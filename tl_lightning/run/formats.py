@@ -14,6 +14,10 @@ inputs: an export that would compute another model stops with an error instead o
   (``timm.create_model("local-dir:<folder>")``, or ``timm.create_model(architecture,
   num_classes=N, checkpoint_path="<folder>/model.safetensors")``) with its preprocessing and labels.
 * :func:`export_text_onnx`: a text run as an ONNX graph over token tensors, dynamic batch and length.
+* :func:`export_causal_lm` (``format=hf`` of a ``task=causal_lm`` run): the fine-tuned language model as
+  a folder ``AutoModelForCausalLM``/``AutoTokenizer`` load (adapters merged; the chat template and the
+  padding token travel with the tokenizer), checked by greedy generation: the folder must produce the
+  module's tokens on :data:`CHECK_PROMPTS`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ CHECK_TEXTS = (
     "dull, slow and far too long; the plot makes no sense at all and the cast is wasted on it, "
     "scene after scene, until the very last minute of a film that never finds its footing",
 )
+# prompts a language-model export is checked on (greedy generation must give the module's tokens)
+CHECK_PROMPTS = (
+    "What is the capital of France?",
+    "Review: a moving, funny and wise film\nIs it fresh or rotten?",
+    "Write one sentence about the sea.",
+)
+CHECK_NEW_TOKENS = 16
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Identity)
 # sentence-transformers Pooling modes of this project's text poolings (tl_lightning.backbones.hf.POOLINGS)
 _SENTENCE_MODES = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "lasttoken"}
@@ -84,6 +95,10 @@ def export_hf(module: nn.Module, metadata: dict, output: str | Path) -> Path:
         AutoModelForSequenceClassification.from_pretrained("outputs/export/model.hf")  # cls + pooler runs
         SentenceTransformer("outputs/export/model.hf").encode(["a fine film"])  # the others: logits
     """
+    from tl_lightning.run.generation import is_language_model
+
+    if is_language_model(module):
+        return export_causal_lm(module, metadata, output)
     backbone, head = _parts(module, "hf")
     if not isinstance(backbone, TextBackbone):
         raise ValueError(
@@ -118,6 +133,76 @@ def export_hf(module: nn.Module, metadata: dict, output: str | Path) -> Path:
         str(output),
     )
     return output
+
+
+def export_causal_lm(module: nn.Module, metadata: dict, output: str | Path) -> Path:
+    """Write a ``task=causal_lm`` run as a folder ``transformers`` loads and generates from as we do.
+
+    The language model (adapters already merged: ``load_trained`` does it) is saved with
+    ``save_pretrained`` (safetensors, tied embeddings kept tied) next to its tokenizer (chat template,
+    the padding token training used) and a ``generation_config`` with that padding token. The folder
+    is then loaded with ``AutoModelForCausalLM``/``AutoTokenizer`` and must generate, greedily, exactly
+    the module's tokens after each of :data:`CHECK_PROMPTS` (rendered with the chat template when the
+    tokenizer has one).
+
+    Args:
+        module: The trained ``CausalLMModule`` (eval mode, adapters merged).
+        metadata: ``checkpoint["tl_lightning"]``.
+        output: The folder to write.
+
+    Returns:
+        ``output``.
+
+    Raises:
+        ValueError: If the language model still holds PEFT adapters, or ``output`` is a file.
+        RuntimeError: If the loaded folder generates other tokens than the module, naming the prompt.
+
+    Example::
+
+        export_causal_lm(model.module, model.metadata, "outputs/export/lm")
+        AutoModelForCausalLM.from_pretrained("outputs/export/lm")
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tl_lightning.adapters.peft import is_adapted
+
+    if is_adapted(module.backbone):
+        raise ValueError("format=hf: merge the adapters first (tl_lightning.run.inference.load_trained does)")
+    output = _folder(output)
+    tokenizer = module.tokenizer
+    model = module.backbone.model
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    loaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    theirs_tokenizer = AutoTokenizer.from_pretrained(output)
+    for prompt in CHECK_PROMPTS:
+        ids = _rendered(theirs_tokenizer, prompt)
+        mask = torch.ones_like(ids)
+        ours = module.generate(ids, mask, CHECK_NEW_TOKENS)
+        with torch.no_grad():
+            theirs = loaded.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=CHECK_NEW_TOKENS, do_sample=False
+            )[:, ids.shape[1] :]
+        if not torch.equal(ours, theirs):
+            raise RuntimeError(
+                f"format=hf: the exported folder {str(output)!r} generates {theirs.tolist()} after "
+                f"{prompt!r}, the trained model {ours.tolist()}; the export is not the trained model"
+            )
+    log.info(
+        "format=hf: AutoModelForCausalLM.from_pretrained(%r) loads it (chat template included)", str(output)
+    )
+    return output
+
+
+def _rendered(tokenizer, prompt: str) -> torch.Tensor:
+    """``(1, L)`` ids of a user turn through the chat template and generation prompt, or of the text."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    return torch.tensor([tokenizer(prompt)["input_ids"]])
 
 
 def export_timm(module: nn.Module, metadata: dict, output: str | Path) -> Path:

@@ -37,6 +37,7 @@ from tl_lightning.modules import DomainAdaptationModule, MultiTaskModule
 from tl_lightning.modules.rebuild import load_run_weights
 from tl_lightning.run.checkpointing import METADATA_KEY, load_checkpoint, upgrade_metadata
 from tl_lightning.run.formats import export_hf, export_text_onnx, export_timm
+from tl_lightning.run.generation import generate, is_language_model, write_generations
 from tl_lightning.run.pipeline import rebuild_module, rebuild_transform
 
 log = logging.getLogger(__name__)
@@ -661,11 +662,15 @@ def predict_to_file(
     device: str = "auto",
     texts: Sequence[str] | None = None,
     text_column: str = "text",
+    generation: dict | None = None,
 ) -> Path:
     """``predict.py``: check the arguments, load the model, collect its inputs, predict, write ``output``.
 
     What ``inputs`` holds follows the checkpoint: images (:func:`collect_inputs`) for an image model,
-    text files (:func:`collect_texts`, with ``texts`` and ``text_column``) for a text model.
+    text files (:func:`collect_texts`, with ``texts`` and ``text_column``) for a text model. A language
+    model (``task=causal_lm``) continues each text instead: ``generation`` holds
+    :func:`tl_lightning.run.generation.generate`'s options (``max_new_tokens``, ``do_sample``,
+    ``temperature``, ``top_p``, ``seed``) and ``output`` gets ``prompt, generation`` rows.
 
     Raises:
         FileNotFoundError, ValueError: As :func:`collect_inputs` or :func:`collect_texts`,
@@ -675,6 +680,19 @@ def predict_to_file(
     _check_output(output)
     resolve_device(device)
     model = load_trained(ckpt_path)
+    if is_language_model(model.module):  # a task=causal_lm run: generate from the prompts
+        datamodule = text_datamodule(model)
+        datamodule.load_tokenizer()
+        prompts = collect_texts(inputs, texts, text_column)
+        rows = generate(
+            model.module,
+            datamodule,
+            prompts,
+            batch_size=batch_size,
+            device=resolve_device(device),
+            **(generation or {}),
+        )
+        return _shareable(write_generations(rows, output))
     if model.modality == "text":
         collected = collect_texts(inputs, texts, text_column)
     elif texts:
