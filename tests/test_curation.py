@@ -70,7 +70,7 @@ def test_bad_noise_and_exclude_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="set data.exclude=<it> too"):
         TrainingCuration(exclude_top=5)
     with pytest.raises(FileNotFoundError, match="data.exclude='missing.csv' is not a file"):
-        DigitsDataModule(DATA_CONFIG, exclude="missing.csv")
+        DigitsDataModule(DATA_CONFIG, exclude="missing.csv").setup()
 
 
 def test_noise_touches_training_labels_only_and_keeps_the_truth():

@@ -184,7 +184,6 @@ class ClassificationDataModule(NamedClasses, pl.LightningDataModule):
 
     Raises:
         ValueError: If ``batch_size`` < 1 or ``num_workers`` < 0, or on bad ``exclude_top`` / ``label_noise``.
-        FileNotFoundError: If ``exclude`` is not a file.
     """
 
     def __init__(

@@ -126,8 +126,10 @@ class TrainingCuration:
         label_noise: ``{rate, kind, seed}`` of planted noise (see :func:`flip_labels`); ``None`` or
             ``rate: 0`` plants none.
 
+    The file itself is read in :meth:`apply` (the data module's ``setup()``, before training), so a
+    data module rebuilt from a finished run's config (``predict.py`` on a text model) does not need it.
+
     Raises:
-        FileNotFoundError: If ``exclude`` does not exist, naming ``data.exclude``.
         ValueError: On ``exclude_top`` without ``exclude`` or not a positive integer, or a bad
             ``label_noise`` (unknown key, rate, kind), naming the key and the allowed values.
 
@@ -143,8 +145,6 @@ class TrainingCuration:
         exclude_top: int | None = None,
         label_noise: Mapping | None = None,
     ) -> None:
-        if exclude is not None and not Path(exclude).is_file():
-            raise FileNotFoundError(f"data.exclude={str(exclude)!r} is not a file (a label_issues.csv)")
         if exclude_top is not None:
             if isinstance(exclude_top, bool) or not isinstance(exclude_top, int) or exclude_top < 1:
                 raise ValueError(f"data.exclude_top must be an integer >= 1 or null, got {exclude_top!r}")
@@ -181,6 +181,7 @@ class TrainingCuration:
             data: How to name the data in messages (e.g. ``"DigitsDataModule"`` or its root).
 
         Raises:
+            FileNotFoundError: If ``data.exclude`` is not a file, naming the key.
             ValueError: If ``data.exclude`` does not describe this training split, naming the file,
                 the data and the first difference.
         """
@@ -197,6 +198,8 @@ class TrainingCuration:
             }
         keep = np.arange(len(true))
         if self.exclude is not None:
+            if not Path(self.exclude).is_file():
+                raise FileNotFoundError(f"data.exclude={self.exclude!r} is not a file (a label_issues.csv)")
             drop = excluded_rows(self.exclude, rows, [class_names[y] for y in given], self.exclude_top, data)
             keep = np.flatnonzero(~drop)
             summary |= {
