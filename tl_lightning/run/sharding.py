@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import OmegaConf
 from typing_extensions import override
 
 from tl_lightning.modules.sharding import (
@@ -220,3 +221,25 @@ def check_sharding(cfg: Any) -> None:
             "the frozen backbone's features once, in one process, so nothing is left to shard; set "
             "feature_cache=off (or auto, which is off under sharding), or use trainer=cpu|gpu|ddp"
         )
+
+
+def slurm_gpus(accelerator: str, devices: int) -> int | None:
+    """GPUs per node to ask SLURM for: ``devices`` when the trainer runs on GPUs, else none (``None``).
+
+    Registered as the OmegaConf resolver ``tl.slurm_gpus`` (``conf/hydra/launcher/slurm.yaml``).
+
+    Raises:
+        ValueError: On GPUs with ``devices`` not a positive count (``-1``, "all visible", means nothing to
+            a scheduler that must reserve them first).
+    """
+    if str(accelerator) not in ("gpu", "cuda"):
+        return None
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(
+            f"hydra/launcher=slurm with trainer.accelerator={accelerator} needs trainer.devices=<GPUs per "
+            f"node> (a positive count), got {devices!r}"
+        )
+    return devices
+
+
+OmegaConf.register_new_resolver("tl.slurm_gpus", slurm_gpus, replace=True)
