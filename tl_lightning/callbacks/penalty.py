@@ -142,6 +142,9 @@ class EWC(QuadraticPenalty):
     of the first fit, or loaded from ``fisher_path``. ``θ*`` and ``F`` are saved in checkpoints,
     so resuming neither recomputes nor moves them.
 
+    Under FSDP2 (``trainer=fsdp|fsdp_cpu``) ``θ*`` and ``F`` are sharded like their parameters, the Fisher
+    is computed under sharding (:mod:`tl_lightning.fisher.sharded`), and checkpoints hold them whole.
+
     Calling ``trainer.fit`` again with the same instance keeps ``θ*`` and ``F`` (the source stays
     the source), unless ``online=True``: then each new fit is a new task, ``θ*`` moves to the current
     weights and ``F ← gamma · F + F_new`` (online EWC, Schwarz et al. 2018).

@@ -94,6 +94,9 @@ def fisher_diagonal(
     backward pass per chunk, which assumes the model treats samples independently in eval mode; the
     other parameters use per-sample ``vmap`` gradients, or a batch-size-1 loop where ``vmap`` cannot
     trace the model. One log line (logger ``tl_lightning.fisher``) says which parameters use which path.
+    Parameters sharded by FSDP2 (``DTensor``) take :func:`tl_lightning.fisher.sharded.sharded_fisher`
+    instead: one sample per backward pass, squared before FSDP reduce-scatters it, and the result sharded
+    like the parameters (no rank gathers the model).
 
     Args:
         model: Maps a batch of inputs to logits ``[N, C]`` (through ``method``).
