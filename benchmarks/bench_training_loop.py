@@ -11,9 +11,10 @@ One call is one "epoch" of ``--steps`` training steps, timed whole (data iterati
   (``Freeze("backbone")`` in the frozen setting); its ``training_step`` also updates the accuracy/F1
   metrics and logs, and every call pays ``fit``'s start-up;
 * ``lightning + job extras``: the same plus what ``make train`` adds per epoch: the callbacks of
-  ``conf/callbacks/default.yaml`` (best and last ``ModelCheckpoint`` written through ``AtomicCheckpointIO``,
-  LR/trainable-parameter/layer-drift monitors, rich progress bar), the CSV logger, and validation over
-  360 images (the digits validation split).
+  ``conf/callbacks/default.yaml`` (best and last ``ModelCheckpoint`` written through the pipeline's
+  ``AsyncAtomicCheckpointIO``, LR/trainable-parameter/layer-drift monitors, rich progress bar), the CSV
+  logger, and validation over 360 images (the digits validation split; ``bench_job_extras`` splits this
+  arm into its parts).
 
 Both loops use the optimizer ``configure_optimizers`` builds (AdamW, lr 1e-3, weight decay 0.01 in the
 layer groups, 0 in their ``/no_decay`` twins for norms and biases, the same groups), no LR scheduler.
@@ -48,7 +49,7 @@ from tl_lightning.callbacks import Freeze
 from tl_lightning.modules.heads import LinearHead
 from tl_lightning.modules.optim import named_param_groups
 from tl_lightning.modules.transfer import TransferModule
-from tl_lightning.run.checkpointing import AtomicCheckpointIO
+from tl_lightning.run.checkpointing import AsyncAtomicCheckpointIO
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CLASSES = 10
@@ -128,7 +129,7 @@ def lightning_arm(
             enable_model_summary=extras,
             num_sanity_val_steps=0,
             limit_val_batches=1.0 if extras else 0,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AsyncAtomicCheckpointIO()],
         )
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val if extras else None)
 

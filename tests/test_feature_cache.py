@@ -41,6 +41,28 @@ def test_cached_linear_probe_matches_uncached(make_cfg, tmp_path):
     assert cached["test"]["test/loss"] == pytest.approx(uncached["test"]["test/loss"], rel=1e-3)
 
 
+def test_augmented_linear_probe_evaluates_on_cached_features_with_the_same_results(make_cfg):
+    """Training on random augmentations, validation and test on cached features: the same weights and
+    the same metrics as running the frozen backbone at every evaluation (before issue 25 such a run
+    was ``off``)."""
+    small = ("data.augment=true", "backbone=small_cnn", "backbone.pretrained=false")
+    uncached, cached = (
+        _run(make_cfg, "feature_cache=off", *small),
+        _run(make_cfg, "feature_cache=auto", *small),
+    )
+    assert uncached["feature_cache"] == "off" and cached["feature_cache"] == "evaluation"
+    for split in ("final", "test"):
+        for name, value in uncached[split].items():
+            assert cached[split][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (split, name)
+    weights = [
+        torch.load(Path(m["best_checkpoint"]).with_name("last.ckpt"), weights_only=True)["state_dict"]
+        for m in (uncached, cached)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:  # training never saw the cache (float-level tolerance: summation order)
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -53,7 +75,9 @@ def test_cached_linear_probe_matches_uncached(make_cfg, tmp_path):
 def test_cache_is_never_used_when_features_would_change(make_cfg, overrides):
     cfg = make_cfg(*overrides, "backbone=small_cnn", "backbone.pretrained=false")
     train(cfg)
-    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["feature_cache"] == "off"
+    # a frozen backbone on augmented images: training runs it, evaluation (fixed inputs) is cached
+    expected = "evaluation" if "data.augment=true" in overrides else "off"
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["feature_cache"] == expected
     with pytest.raises(ValueError, match="feature_cache=memory needs a frozen backbone"):
         train(make_cfg(*overrides, "backbone=small_cnn", "feature_cache=memory"))
 

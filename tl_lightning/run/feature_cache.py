@@ -16,6 +16,11 @@ are batched by the data module's ``collate_fn`` (dynamic padding) and hashed per
 Features are extracted when a loader is built, from the weights the backbone holds then, and again
 whenever those weights changed (:class:`CachedFeatureDataModule`): a run that loads ``ckpt_path`` is
 served the checkpoint's features, not those of the weights it was built with.
+
+When the backbone is frozen but the training inputs are random (augmentation), only validation and
+test run on cached features (:func:`evaluation_cache_applies`): their inputs are deterministic, so each
+epoch's validation would recompute the same features. Training keeps its images; the
+:class:`EvaluateOnCachedFeatures` callback switches the module to features for validation and test only.
 """
 
 from __future__ import annotations
@@ -43,7 +48,43 @@ from tl_lightning.data.base import ClassificationDataModule
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "off", "memory", "disk")
+SPLITS = ("train", "val", "test")
 _PLAIN = (bool, int, float, str, type(None))
+
+
+def backbone_stays_frozen(callbacks: Sequence[pl.Callback], module: nn.Module) -> bool:
+    """Whether ``module.backbone`` is frozen and in eval mode for the whole run.
+
+    Decided positively: every backbone parameter is selected by a ``Freeze`` callback with
+    ``train_bn=False`` and no callback declares
+    :func:`~tl_lightning.callbacks.freeze.changes_trainability`.
+
+    Args:
+        callbacks: The run's callbacks.
+        module: The ``LightningModule`` whose ``backbone`` attribute would be cached.
+    """
+    if any(changes_trainability(c) for c in callbacks):
+        return False
+    backbone = getattr(module, "backbone", None)
+    if backbone is None:
+        return False
+    frozen: set[int] = set()
+    for callback in callbacks:
+        if isinstance(callback, Freeze) and not callback.train_bn:
+            frozen.update(id(p) for p in selected_parameters(module, callback.modules).values())
+    return all(id(p) in frozen for p in backbone.parameters())
+
+
+def evaluation_cache_applies(callbacks: Sequence[pl.Callback], module: nn.Module) -> bool:
+    """Whether validation and test can run on cached features: the backbone stays frozen (random training
+    inputs allowed: evaluation inputs are never augmented) and the module takes features
+    (``use_cached_features``, as ``TransferModule`` does).
+
+    Args:
+        callbacks: The run's callbacks.
+        module: The ``LightningModule``.
+    """
+    return hasattr(module, "cached_features") and backbone_stays_frozen(callbacks, module)
 
 
 def cache_applies(
@@ -61,16 +102,7 @@ def cache_applies(
         datamodule: The image data module.
         module: The ``LightningModule`` whose ``backbone`` attribute would be cached.
     """
-    if not datamodule.deterministic_train or any(changes_trainability(c) for c in callbacks):
-        return False
-    backbone = getattr(module, "backbone", None)
-    if backbone is None:
-        return False
-    frozen: set[int] = set()
-    for callback in callbacks:
-        if isinstance(callback, Freeze) and not callback.train_bn:
-            frozen.update(id(p) for p in selected_parameters(module, callback.modules).values())
-    return all(id(p) in frozen for p in backbone.parameters())
+    return datamodule.deterministic_train and backbone_stays_frozen(callbacks, module)
 
 
 def _plain(value: object) -> object:
@@ -317,14 +349,19 @@ class CachedFeatureDataModule(ClassificationDataModule):
     ``batch_size`` (collated by its ``collate_fn`` when it has one, as text data modules do).
 
     Args:
-        datamodule: The image or text data module (deterministic training inputs).
+        datamodule: The image or text data module (deterministic training inputs, unless ``splits``
+            leaves ``train`` out).
         backbone: The frozen backbone whose features are cached.
         cache_dir: Directory for the on-disk cache; ``None`` keeps features in memory only.
         config: Plain-data description of how the backbone was built (e.g. the ``backbone`` config
             node); part of the on-disk key together with the preprocessing.
+        splits: The splits served as features; the others are the wrapped data module's own loaders
+            (``("val", "test")``: training on augmented images, evaluation on features, with
+            :class:`EvaluateOnCachedFeatures`).
 
     Raises:
-        ValueError: If ``datamodule`` applies random training augmentation.
+        ValueError: If ``splits`` names another split, or holds ``train`` while ``datamodule``
+            applies random training augmentation.
 
     Example::
 
@@ -337,11 +374,16 @@ class CachedFeatureDataModule(ClassificationDataModule):
         backbone: nn.Module,
         cache_dir: str | Path | None = None,
         config: Mapping | None = None,
+        *,
+        splits: Sequence[str] = SPLITS,
     ) -> None:
-        if not datamodule.deterministic_train:
+        if not set(splits) <= set(SPLITS):
+            raise ValueError(f"splits must be among {list(SPLITS)}, got {list(splits)}")
+        if "train" in splits and not datamodule.deterministic_train:
             raise ValueError("feature caching needs deterministic training inputs; set data.augment=false")
         super().__init__(datamodule.data_config, datamodule.batch_size, 0, False, datamodule.shuffle_seed)
         self.source = datamodule
+        self.splits = tuple(splits)
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.config = {"backbone": dict(config or {}), "data_config": datamodule.data_config.as_dict()}
@@ -355,6 +397,8 @@ class CachedFeatureDataModule(ClassificationDataModule):
             return
         self.source.setup(stage)
         self.class_names = list(self.source.class_names)
+        for split in set(SPLITS) - set(self.splits):  # served by the wrapped data module
+            setattr(self, f"{split}_set", getattr(self.source, f"{split}_set"))
         self.probe_set = self.source.probe_set  # images: SourceRetention runs the backbone itself
 
     def features(self, split: str) -> TensorDataset:
@@ -363,8 +407,8 @@ class CachedFeatureDataModule(ClassificationDataModule):
         Raises:
             ValueError: On another split name.
         """
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be one of ['train', 'val', 'test'], got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.setup()
         seen = tuple(
             (id(t), t.data_ptr(), t._version) for t in self.backbone.state_dict(keep_vars=True).values()
@@ -385,14 +429,54 @@ class CachedFeatureDataModule(ClassificationDataModule):
             self._extracted_from[split] = self._fingerprint
         return getattr(self, f"{split}_set")
 
+    def _loader_of(self, split: str) -> DataLoader:
+        if split not in self.splits:
+            self.setup()
+            self.source.trainer = self.trainer  # e.g. DDP sharding of a length-grouped text sampler
+            return getattr(self.source, f"{split}_dataloader")()
+        self.features(split)
+        return getattr(super(), f"{split}_dataloader")()
+
     def train_dataloader(self) -> DataLoader:
-        self.features("train")
-        return super().train_dataloader()
+        return self._loader_of("train")
 
     def val_dataloader(self) -> DataLoader:
-        self.features("val")
-        return super().val_dataloader()
+        return self._loader_of("val")
 
     def test_dataloader(self) -> DataLoader:
-        self.features("test")
-        return super().test_dataloader()
+        return self._loader_of("test")
+
+
+class EvaluateOnCachedFeatures(pl.Callback):
+    """Validation and test on cached backbone features, training on the data module's own inputs.
+
+    For a :class:`CachedFeatureDataModule` with ``splits=("val", "test")``: sets the module's
+    ``cached_features`` flag (``TransferModule.forward`` then skips the backbone) while validation (the
+    sanity check included) and test run, and clears it for training. The frozen backbone in eval mode
+    computes the same features for those deterministic inputs on every epoch, so the metrics are those
+    of running it each time.
+
+    Example::
+
+        data = CachedFeatureDataModule(augmented, backbone, splits=("val", "test"))
+        trainer = pl.Trainer(callbacks=[Freeze("backbone"), EvaluateOnCachedFeatures()])
+    """
+
+    @staticmethod
+    def _set(pl_module: pl.LightningModule, on: bool) -> None:
+        pl_module.cached_features = on
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(pl_module, False)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(pl_module, True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(pl_module, False)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(pl_module, True)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(pl_module, False)

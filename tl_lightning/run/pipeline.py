@@ -34,7 +34,13 @@ from tl_lightning.run.checkpointing import (
     run_metadata,
 )
 from tl_lightning.run.config_checks import check_config
-from tl_lightning.run.feature_cache import MODES, CachedFeatureDataModule, cache_applies
+from tl_lightning.run.feature_cache import (
+    MODES,
+    CachedFeatureDataModule,
+    EvaluateOnCachedFeatures,
+    cache_applies,
+    evaluation_cache_applies,
+)
 from tl_lightning.run.guards import FiniteLossGuard
 from tl_lightning.run.lock import RunLock
 from tl_lightning.run.sharding import is_sharded_trainer
@@ -95,10 +101,14 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
     cached = _feature_cache_mode(cfg, callbacks, datamodule, module)
     if cached != "off":
         cache_dir = Path(cfg.paths.cache_dir) / "features" if cached == "disk" else None
+        splits = ("val", "test") if cached == "evaluation" else ("train", "val", "test")
         datamodule = CachedFeatureDataModule(
-            datamodule, backbone, cache_dir, OmegaConf.to_container(cfg.backbone, resolve=True)
+            datamodule, backbone, cache_dir, OmegaConf.to_container(cfg.backbone, resolve=True), splits=splits
         )
-        module.use_cached_features()
+        if cached == "evaluation":  # training keeps its random inputs; the callback switches per stage
+            callbacks.append(EvaluateOnCachedFeatures())
+        else:
+            module.use_cached_features()
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_trainer_plugins(cfg)
     )
@@ -325,6 +335,9 @@ def _run_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
 def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule, module) -> str:
     """Resolve ``feature_cache`` (auto|off|memory|disk) against what the run actually does.
 
+    ``auto`` gives ``memory`` (every split on cached features), ``evaluation`` (a frozen backbone with
+    random training inputs: validation and test on cached features, training on the images) or ``off``.
+
     Raises:
         ValueError: On an unknown mode, or when caching is forced but the backbone trains or the
             training inputs are random.
@@ -334,7 +347,11 @@ def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule, module) ->
         raise ValueError(f"feature_cache={mode!r} is not one of {list(MODES)}")
     applies = cache_applies(callbacks, datamodule, module)
     if mode == "auto":  # under FSDP2 the frozen backbone is sharded and run, not cached (run/sharding.py)
-        return "memory" if applies and not is_sharded_trainer(cfg) else "off"
+        if is_sharded_trainer(cfg):
+            return "off"
+        if applies:
+            return "memory"
+        return "evaluation" if evaluation_cache_applies(callbacks, module) else "off"
     if mode != "off" and not applies:
         raise ValueError(
             f"feature_cache={mode} needs a frozen backbone (strategy=linear_probe) and data.augment=false"
