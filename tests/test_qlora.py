@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tl_lightning.adapters import prefix_tuning, prompt_tuning, qlora
 from tl_lightning.backbones import hf_decoder, hf_encoder, small_cnn
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def test_qlora_quantises_the_decoder_to_4_bits_and_trains_lora_only(tiny_llama):
@@ -48,3 +52,51 @@ def test_prompt_learning_trains_only_virtual_tokens_and_pads_right(tiny_llama, a
     backbone(tokens).square().sum().backward()
     grad = backbone.model.prompt_encoder.default.embedding.weight.grad
     assert grad is not None and grad.abs().sum() > 0  # the virtual tokens reach the features
+
+
+@pytest.mark.slow
+def test_qlora_trains_through_the_pipeline_and_checkpoints_adapters_only(tiny_llama, tmp_path):
+    """strategy=qlora end to end: fit, adapter-only checkpoint, test from it (the 4-bit base rebuilt).
+
+    A decoder of hidden size 64 (bitsandbytes' CPU inference kernel needs rows of at least one 64-value
+    quantisation block; the 32-wide tiny_llama only trains)."""
+    pytest.importorskip("bitsandbytes")
+    import csv
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tl_lightning.run.pipeline import train
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with (tmp_path / "reviews.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("text", "label"))
+        for i in range(20):
+            writer.writerow((f"a fine film{' truly' * (i % 5)}", "pos"))
+            writer.writerow((f"dull{' sadly' * (i % 4)}", "neg"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "backbone=hf_decoder", f"backbone.model_name={tmp_path / 'model'}", "strategy=qlora",
+                "data=text_files", f"data.train_file={tmp_path / 'reviews.csv'}", "data.batch_size=8",
+                "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                "trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false",
+                "callbacks.rich_progress_bar=null", "allow_short_schedule=true",
+                f"paths.output_dir={tmp_path / 'run'}",
+            ],
+        )  # fmt: skip
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["test/acc"] <= 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all(".lora_" in k or k.startswith("heads.target.") for k in state), sorted(state)[:5]

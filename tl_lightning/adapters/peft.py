@@ -364,7 +364,8 @@ def is_adapted(backbone: nn.Module) -> bool:
 def keep_changed_only(module: nn.Module, backbone: str = "backbone") -> list[str]:
     """Leave the frozen tensors of an adapted module out of its ``state_dict`` and refill them on load.
 
-    Left out: every frozen parameter (the PEFT base, the source head) and the buffers of the backbone
+    Left out: every frozen parameter (the PEFT base, the source head), what it stores beside itself
+    (a 4-bit weight's quantisation state, ``strategy=qlora``) and the buffers of the backbone
     (running statistics held fixed by eval mode). They are the pretrained weights, which the module
     was built from and a rebuild reads again; those the pretrained weights did not provide (the
     backbone's ``not_pretrained`` names, randomly initialised on every build) stay in.
@@ -390,7 +391,11 @@ def keep_changed_only(module: nn.Module, backbone: str = "backbone") -> list[str
     buffers = {id(b) for b in adapted.buffers()}
     state = module.state_dict(keep_vars=True)
     drawn = _not_pretrained_keys(state, adapted, backbone)  # random on every build: must be stored
-    omitted = sorted(k for k, v in state.items() if (id(v) in frozen or id(v) in buffers) and k not in drawn)
+    omitted = {k for k, v in state.items() if (id(v) in frozen or id(v) in buffers) and k not in drawn}
+    # what a frozen weight stores beside itself: bitsandbytes' 4-bit quantisation state (``<weight>.absmax``,
+    # ``.quant_map``, ...), rebuilt with the quantised base
+    omitted |= {k for k in state if _under(k, omitted)}
+    omitted = sorted(omitted)
     keys = frozenset(omitted)
     handles = [
         module.register_state_dict_post_hook(functools.partial(_drop_keys, keys=keys)),
@@ -398,6 +403,12 @@ def keep_changed_only(module: nn.Module, backbone: str = "backbone") -> list[str
     ]
     object.__setattr__(module, _HOOKS, handles)
     return omitted
+
+
+def _under(key: str, keys: set[str]) -> bool:
+    """Whether a proper dotted prefix of ``key`` is one of ``keys``."""
+    parts = key.split(".")
+    return any(".".join(parts[:end]) in keys for end in range(1, len(parts)))
 
 
 def _not_pretrained_keys(state: dict, adapted: nn.Module, backbone: str) -> set[str]:
@@ -422,7 +433,8 @@ def _fill_keys(module: nn.Module, state_dict: dict, prefix: str, *args, keys: fr
         module.named_buffers(remove_duplicate=False)
     )
     for key in keys:
-        state_dict.setdefault(prefix + key, current[key])
+        if key in current:  # quantisation state is no tensor of the module: the rebuilt base keeps its own
+            state_dict.setdefault(prefix + key, current[key])
 
 
 def merge_adapter(module: nn.Module, backbone: str = "backbone") -> bool:
