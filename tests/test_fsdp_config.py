@@ -69,3 +69,14 @@ def test_shard_units_are_the_modules_holding_exactly_one_layer_group():
         "out": ["2.bias"],  # half of a module: stays with the root
     }
     assert unit_paths(root, groups) == ["1"]
+
+
+def test_trainer_precision_becomes_fsdp2_mixed_precision():
+    import torch
+
+    from tl_lightning.modules.sharding import mixed_precision
+
+    bf16 = mixed_precision("bf16-mixed")
+    assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)  # fp32 reduction
+    full = mixed_precision("32-true")
+    assert (full.param_dtype, full.reduce_dtype) == (None, None)  # the parameters' own dtype
