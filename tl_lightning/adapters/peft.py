@@ -187,7 +187,10 @@ def qlora(
 
     Args:
         backbone: A decoder backbone built from pretrained weights (``backbone=hf_decoder`` or a causal LM).
-        r, alpha, dropout, target_modules: As for :func:`lora`.
+        r: Rank of the LoRA update (as for :func:`lora`).
+        alpha: LoRA scale numerator.
+        dropout: Dropout on the adapters' input.
+        target_modules: As for :func:`lora`; ``None``: ``backbone.peft_targets``.
         quant_type: ``nf4`` (normal float, QLoRA's) or ``fp4``.
         double_quant: Quantise the quantisation constants too (QLoRA's double quantisation).
 
@@ -343,11 +346,13 @@ def _group_of_peft_name(name: str, groups: dict[str, str]) -> str:
     """
     if not name.startswith(_PROMPT_PREFIX):
         return next(iter(groups.values()))
-    parts = _plain_name(name).split(".")
-    for end in range(len(parts), 0, -1):
-        group = groups.get(".".join(parts[:end]))
-        if group is not None:
-            return group
+    # a prompt-learning wrapper of a causal LM holds it right under base_model.: its "model." is its own
+    for plain in (_plain_name(name), name.removeprefix(_PROMPT_PREFIX).replace(_BASE_LAYER, "")):
+        parts = plain.split(".")
+        for end in range(len(parts), 0, -1):
+            group = groups.get(".".join(parts[:end]))
+            if group is not None:
+                return group
     raise KeyError(f"PEFT parameter {name!r} belongs to no layer group of the unwrapped model")
 
 
