@@ -12,6 +12,7 @@ the final weights.
 
     python scripts/llm_forgetting.py                      # 2 seeds, 16 steps of 8 pairs, 3 runs at a time
     python scripts/llm_forgetting.py --seeds 0 1 2 --steps 60 --jobs 1
+    python scripts/llm_forgetting.py --summarise-only     # tables and plot from the runs finished so far
 
 Runs go to ``--runs`` (one Hydra run folder each, with ``metrics.json``); a run whose ``metrics.json``
 exists is not repeated, so an interrupted sweep continues where it stopped.
@@ -137,11 +138,16 @@ def summarise(rows: list[dict], out: Path, args: argparse.Namespace, wall: float
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
+        sd = {k: f" ± {e[f'{k}_sd']:.3f}" if e["seeds"] > 1 else "" for k in ("test_acc",)}
+        pct = {
+            k: f" ± {100 * e[f'{k}_sd']:.1f}" if e["seeds"] > 1 else ""
+            for k in ("python_stdlib_ppl_change", "python_docs_ppl_change")
+        }
         lines.append(
-            f"| {e['method']} | {e['seeds']} | {e['trainable_params']:,} | {e['test_acc']:.3f} ± "
-            f"{e['test_acc_sd']:.3f} | {e['target_gain']:+.3f} | {e['test_loss']:.3f} | "
-            f"{100 * e['python_stdlib_ppl_change']:+.1f}% ± {100 * e['python_stdlib_ppl_change_sd']:.1f} | "
-            f"{100 * e['python_docs_ppl_change']:+.1f}% ± {100 * e['python_docs_ppl_change_sd']:.1f} | "
+            f"| {e['method']} | {e['seeds']} | {e['trainable_params']:,} | "
+            f"{e['test_acc']:.3f}{sd['test_acc']} | {e['target_gain']:+.3f} | {e['test_loss']:.3f} | "
+            f"{100 * e['python_stdlib_ppl_change']:+.2f}%{pct['python_stdlib_ppl_change']} | "
+            f"{100 * e['python_docs_ppl_change']:+.2f}%{pct['python_docs_ppl_change']} | "
             f"{e['wall_time_s']:.0f} s |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -151,7 +157,8 @@ def summarise(rows: list[dict], out: Path, args: argparse.Namespace, wall: float
                 **vars(args),
                 "out": str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT) else str(args.out),
                 "runs": None,
-                "sweep_wall_time_s": round(wall, 1),
+                "sweep_wall_time_s": None if args.summarise_only else round(wall, 1),
+                "runs_wall_time_s_sum": round(sum(r["wall_time_s"] for r in rows), 1),
                 "methods": METHODS,
             },
             indent=2,
@@ -187,7 +194,7 @@ def _plot(summary: list[dict], rows: list[dict], zero: dict, path: Path) -> None
     ax.axvline(0, color="grey", lw=0.6)
     ax.set_xlabel("source loss: general-text perplexity change (%, mean of 2 texts)")
     ax.set_ylabel("target gain: test accuracy - zero-shot accuracy")
-    ax.set_title("SmolLM2-135M on Rotten Tomatoes instructions (mean ± sd over seeds)")
+    ax.set_title("SmolLM2-135M, Rotten Tomatoes instructions (mean ± sd)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -208,6 +215,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3, help="runs at a time (each single-threaded)")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "llm_forgetting")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "llm_forgetting")
+    parser.add_argument("--summarise-only", action="store_true", help="tables from the finished runs only")
     args = parser.parse_args()
     started = time.perf_counter()
     zero_shot = [
@@ -221,8 +229,12 @@ def main() -> None:
         for method in args.methods:
             overrides = [*common(args, seed), *METHODS[method]]
             jobs.append((f"{method}_seed{seed}", method, seed, overrides))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: (job, run(job[0], job[3], args.runs)), jobs))
+    if args.summarise_only:
+        done = [job for job in jobs if (args.runs / job[0] / "metrics.json").is_file()]
+        results = [(job, json.loads((args.runs / job[0] / "metrics.json").read_text())) for job in done]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda job: (job, run(job[0], job[3], args.runs)), jobs))
     rows = [row(name, method, seed, metrics) for (name, method, seed, _), metrics in results]
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "runs.csv").open("w", newline="") as f:

@@ -35,35 +35,6 @@ REVIEWS = ["a joy from start to finish", "dull and far too long", "sharp, funny 
 
 
 @pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (hidden 16, tied embeddings, seed 0) with SmolLM2's tokenizer and template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tl_lightning.backbones.hf_decoder import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.model_max_length = 256
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny_lm")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def pairs_file(tmp_path_factory) -> Path:
     """40 review -> fresh/rotten pairs as JSONL (a label set: generated answers are scored)."""
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
@@ -83,10 +54,10 @@ def _cfg(tmp_path: Path, *overrides: str, run: str = "run"):
         return compose("train", overrides=[*FAST, f"paths.output_dir={tmp_path / run}", *overrides])
 
 
-def _lm_overrides(tiny_lm: Path, pairs_file: Path) -> list[str]:
+def _lm_overrides(tiny_llama: Path, pairs_file: Path) -> list[str]:
     return [
         "task=causal_lm",
-        f"backbone.model_name={tiny_lm}",
+        f"backbone.model_name={tiny_llama}",
         "data=instructions",
         f"data.train_file={pairs_file}",
         "data.max_length=64",
@@ -95,8 +66,8 @@ def _lm_overrides(tiny_lm: Path, pairs_file: Path) -> list[str]:
     ]
 
 
-def test_labels_mask_the_prompt_and_the_padding_exactly(tiny_lm, pairs_file):
-    lm = causal_language_model(str(tiny_lm))
+def test_labels_mask_the_prompt_and_the_padding_exactly(tiny_llama, pairs_file):
+    lm = causal_language_model(str(tiny_llama))
     data = InstructionFilesDataModule(lm.data_config, str(pairs_file), batch_size=3, max_length=64)
     data.setup("fit")
     tokenizer = data.tokenizer
@@ -133,8 +104,8 @@ def test_labels_mask_the_prompt_and_the_padding_exactly(tiny_lm, pairs_file):
     assert data.class_names == ["fresh", "rotten"]
 
 
-def test_loss_is_the_mean_over_response_tokens_of_the_next_token_nll(tiny_lm, pairs_file):
-    lm = causal_language_model(str(tiny_lm))
+def test_loss_is_the_mean_over_response_tokens_of_the_next_token_nll(tiny_llama, pairs_file):
+    lm = causal_language_model(str(tiny_llama))
     data = InstructionFilesDataModule(lm.data_config, str(pairs_file), batch_size=4, max_length=64)
     data.setup("fit")
     module = CausalLMModule(lm, partial(torch.optim.AdamW, lr=1e-3)).eval()
@@ -154,13 +125,13 @@ def test_loss_is_the_mean_over_response_tokens_of_the_next_token_nll(tiny_lm, pa
     assert nll.item() == pytest.approx(total, rel=1e-5)
 
 
-def test_packing_makes_every_token_a_target_and_splits_by_document(tiny_lm, tmp_path):
+def test_packing_makes_every_token_a_target_and_splits_by_document(tiny_llama, tmp_path):
     blocks = pack_blocks([[5, 6, 7], [8, 9], [10]], block_size=3, eos=2)
     assert [b["input_ids"].tolist() for b in blocks] == [[5, 6, 7], [2, 8, 9], [2, 10, 2]]
     assert all(torch.equal(b["labels"], b["input_ids"]) for b in blocks)
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join(f"document number {i} says {'la ' * (i % 5)}" for i in range(50)))
-    lm = causal_language_model(str(tiny_lm))
+    lm = causal_language_model(str(tiny_llama))
     data = LMTextDataModule(lm.data_config, str(docs), block_size=8, val_fraction=0.2, test_fraction=0.2)
     data.setup("fit")
     assert all(len(b["input_ids"]) == 8 for s in (data.train_set, data.val_set) for b in s)
@@ -184,8 +155,8 @@ def test_first_choice_names_the_label_a_generation_says_first():
     assert first_choice("I cannot say", ["fresh", "rotten"]) == -1
 
 
-def test_lm_retention_is_the_perplexity_of_the_general_text(tiny_lm):
-    lm = causal_language_model(str(tiny_lm))
+def test_lm_retention_is_the_perplexity_of_the_general_text(tiny_llama):
+    lm = causal_language_model(str(tiny_llama))
     module = CausalLMModule(lm, partial(torch.optim.AdamW, lr=1e-3))
     ids = torch.arange(100, 164).view(4, 16)
     probe = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
@@ -216,12 +187,14 @@ def test_mixed_tasks_stop_before_anything_is_built(tmp_path, overrides, message)
 
 
 @pytest.mark.slow
-def test_every_head_free_strategy_trains_a_language_model(tiny_lm, pairs_file, tmp_path):
+def test_every_head_free_strategy_trains_a_language_model(tiny_llama, pairs_file, tmp_path):
     strategies = {
         "lora": [],
         "ia3": [],
         "l2sp": [],
         "ewc": ["callbacks.ewc.fisher_samples=8"],
+        "prefix_tuning": ["adapter.num_virtual_tokens=4"],
+        "prompt_tuning": ["adapter.num_virtual_tokens=4"],
         "discriminative_lr": [],
         "gradual_unfreeze": [
             "callbacks.gradual_unfreeze.milestones=[0,1]",
@@ -230,7 +203,7 @@ def test_every_head_free_strategy_trains_a_language_model(tiny_lm, pairs_file, t
     }
     for strategy, extra in strategies.items():
         cfg = _cfg(
-            tmp_path, *_lm_overrides(tiny_lm, pairs_file), f"strategy={strategy}", *extra, run=strategy
+            tmp_path, *_lm_overrides(tiny_llama, pairs_file), f"strategy={strategy}", *extra, run=strategy
         )
         train(cfg)
         metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
@@ -247,11 +220,11 @@ def test_every_head_free_strategy_trains_a_language_model(tiny_lm, pairs_file, t
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_the_straight_run(tiny_lm, pairs_file, tmp_path):
+def test_resumed_run_equals_the_straight_run(tiny_llama, pairs_file, tmp_path):
     from resume_helpers import last_weights
 
     base = [
-        *_lm_overrides(tiny_lm, pairs_file),
+        *_lm_overrides(tiny_llama, pairs_file),
         "strategy=full_finetune",
         "trainer.max_epochs=2",
         "module.optimizer.lr=1e-2",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_causal_lm import _cfg, _lm_overrides, pairs_file, tiny_lm  # noqa: F401 (fixtures)
+from test_causal_lm import _cfg, _lm_overrides, pairs_file  # noqa: F401 (a fixture)
 
 from tl_lightning.modules.rebuild import load_run_checkpoint
 from tl_lightning.run.inference import export_checkpoint, predict_to_file
@@ -18,12 +18,12 @@ PROMPTS = ["Review: a joy\nIs it fresh or rotten?", "Tell me about the sea.", "W
 
 
 @pytest.fixture(scope="module")
-def lora_checkpoint(tiny_lm, pairs_file, tmp_path_factory) -> Path:  # noqa: F811
+def lora_checkpoint(tiny_llama, pairs_file, tmp_path_factory) -> Path:  # noqa: F811
     """A LoRA run on the tiny decoder whose adapters moved (a high LR), as ``checkpoints/last.ckpt``."""
     tmp = tmp_path_factory.mktemp("lora_lm")
     cfg = _cfg(
         tmp,
-        *_lm_overrides(tiny_lm, pairs_file),
+        *_lm_overrides(tiny_llama, pairs_file),
         "strategy=lora",
         "module.optimizer.lr=0.05",
         "callbacks.lm_retention=null",
@@ -106,7 +106,7 @@ def test_predict_generates_with_the_runs_chat_template(lora_checkpoint, tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_ranks_agree_and_validation_sums_equal_one_process(tiny_lm, pairs_file, tmp_path):  # noqa: F811
+def test_ddp_ranks_agree_and_validation_sums_equal_one_process(tiny_llama, pairs_file, tmp_path):  # noqa: F811
     """Two gloo processes train the same adapters, and their summed validation metrics are the whole set's."""
     import json
     import subprocess
@@ -119,7 +119,7 @@ def test_ddp_ranks_agree_and_validation_sums_equal_one_process(tiny_lm, pairs_fi
     script = Path(__file__).with_name("causal_lm_ddp_script.py")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(script), str(out), str(tiny_lm), str(pairs_file)],
+        [sys.executable, str(script), str(out), str(tiny_llama), str(pairs_file)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -133,7 +133,7 @@ def test_ddp_ranks_agree_and_validation_sums_equal_one_process(tiny_lm, pairs_fi
     assert logged[0] == logged[1]
     # one process validates the saved weights on the whole validation set: the same loss, ppl and accuracy
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides(str(out), str(tiny_lm), str(pairs_file)))
+        cfg = compose("train", overrides=overrides(str(out), str(tiny_llama), str(pairs_file)))
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 

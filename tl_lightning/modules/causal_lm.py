@@ -205,8 +205,9 @@ class CausalLMModule(pl.LightningModule):
     # -- the model -------------------------------------------------------------------------------------
 
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Next-token logits ``(B, L, vocab)`` of a token batch."""
-        return self.backbone(tokens)
+        """Next-token logits ``(B, L, vocab)`` of a token batch (``L`` its length: the positions of learned
+        virtual tokens that ``strategy=prompt_tuning`` puts in front are left out)."""
+        return self.backbone(tokens)[:, -tokens["input_ids"].shape[1] :]
 
     def source_logits(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The model's next-token distribution ``(B, vocab)`` at one position per sequence: the "source task".
@@ -257,22 +258,37 @@ class CausalLMModule(pl.LightningModule):
         """New tokens ``(B, <= max_new_tokens)`` after left-padded prompts; greedy unless ``do_sample``.
 
         Finished rows are padded with the tokenizer's padding id. ``kwargs`` go to ``generate``
-        (``temperature``, ``top_p``, ...).
+        (``temperature``, ``top_p``, ...). Under prefix or prompt tuning (PEFT counts positions from
+        the first token, padding included) one unpadded prompt is generated at a time.
         """
+        options = {
+            "max_new_tokens": max_new_tokens or self.hparams.max_new_tokens,
+            "do_sample": do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            **kwargs,
+        }
         was_training = self.training
         self.eval()
         try:
-            out = self.backbone.model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
-                do_sample=do_sample,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **kwargs,
-            )
+            configs = getattr(self.backbone.model, "peft_config", {}).values()
+            if not any(getattr(config, "is_prompt_learning", False) for config in configs):
+                out = self.backbone.model.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, **options
+                )
+                return out[:, prompt_ids.shape[1] :]
+            rows = []
+            for ids, mask in zip(prompt_ids, prompt_mask, strict=True):
+                ids = ids[mask.bool()][None]
+                rows.append(
+                    self.backbone.model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), **options
+                    )[0, ids.shape[1] :]
+                )
         finally:
             self.train(was_training)
-        return out[:, prompt_ids.shape[1] :]
+        return torch.nn.utils.rnn.pad_sequence(
+            rows, batch_first=True, padding_value=self.tokenizer.pad_token_id
+        )
 
     # -- steps -----------------------------------------------------------------------------------------
 
