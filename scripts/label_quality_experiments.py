@@ -304,9 +304,8 @@ def summary(raw: Path) -> str:
             for arm in ("noisy", "cleaned"):
                 acc = [value(r, "test_acc") for r in rows if r["arm"] == arm]
                 size = _mean_sd([value(r, "train_examples") for r in rows if r["arm"] == arm], 0)
-                lines.append(
-                    f"| 500 per class, {rate} {kind}, {arm} | {len(acc)} | {size} | {_mean_sd(acc)} |"
-                )
+                label = f"500 per class, {float(rate):g} {kind}, {arm}"
+                lines.append(f"| {label} | {len(acc)} | {size} | {_mean_sd(acc)} |")
     fine = groups("finetune")
     if fine:
         lines += [
