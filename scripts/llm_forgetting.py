@@ -66,6 +66,7 @@ def common(args: argparse.Namespace, seed: int) -> list[str]:
         f"trainer.limit_val_batches={args.val_batches}",
         "callbacks.model_checkpoint=null",
         "callbacks.last_checkpoint=null",
+        "+trainer.enable_checkpointing=false",  # else Lightning adds its own (a 2 GB file per full run)
         "callbacks.layer_drift=null",
         "callbacks.rich_progress_bar=null",
         "+trainer.enable_progress_bar=false",
