@@ -4,7 +4,8 @@ Composes the same config as ``train.py`` (``conf/label_issues.yaml`` adds the ``
 ``conf/train.yaml``), so any data and backbone overrides of a training run apply. Steps:
 
 1. the frozen backbone's features of the training and validation splits, from the feature cache
-   (``paths.cache_dir/features``, the key a ``feature_cache=disk`` training run uses);
+   (``paths.cache_dir/features``, the key a ``feature_cache=disk`` training run uses), always without
+   augmentation (``data.augment`` is ignored);
 2. out-of-fold class probabilities: ``label_issues.folds`` converged linear probes (the
    ``linear_probe_lbfgs`` fit: L-BFGS logistic regression, L2 chosen on the validation split), each
    scoring the fold it did not see;
@@ -81,7 +82,10 @@ def frozen_features(
             "label_issues.py scores the whole training split: remove data.exclude / data.exclude_top"
         )
     backbone = instantiate(cfg.backbone)
-    data = instantiate(cfg.data, data_config=backbone.data_config)
+    # features for scoring are never augmented: the training split is read with evaluation transforms
+    # whatever data.augment says, so the overrides of the training run apply unchanged
+    deterministic = {"augment": False} if "augment" in cfg.data else {}
+    data = instantiate(cfg.data, data_config=backbone.data_config, **deterministic)
     data.setup("fit")
     if getattr(data, "curated", None) is None:
         raise ValueError(

@@ -230,7 +230,7 @@ def finetune(rows: Rows, name: str, rate: float, kind: str, seed: int, work: Pat
             seed=seed,
             arm=arm,
             strategy="gradual_unfreeze",
-            train_examples=round(metrics["train_examples_per_class"] * 10),
+            train_examples=len(data.curated.labels) - metrics.get("curation", {}).get("excluded", 0),
             test_acc=metrics["test"]["test/acc"],
             global_step=metrics["global_step"],
             seconds=time.perf_counter() - started,

@@ -8,6 +8,7 @@ with rows flagged by hand.
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -120,13 +121,74 @@ def test_exclude_refuses_a_file_of_other_data(tmp_path):
         _digits(exclude=str(path), label_noise={"rate": 0.4, "seed": 0})
 
 
+def _rewrite(path: Path, out: Path, encoding: str = "utf-8", **cells) -> Path:
+    """``path`` with the first rows' cells replaced (``flagged=["1", "x"]``), saved as ``out``."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for column, values in cells.items():
+        for row, value in zip(rows, values, strict=False):
+            row[column] = value
+    with open(out, "w", newline="", encoding=encoding) as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_hand_edited_flags_count_or_are_refused(tmp_path):
+    """A person marks rows with true/1 (any case, blanks around) or gets an error naming file and row."""
+    data = _digits()
+    path = _csv(data, tmp_path / "label_issues.csv", [])
+    marked = _rewrite(path, tmp_path / "marked.csv", flagged=["TRUE", " 1 ", "True", "0", "FALSE"])
+    order = [int(line.split(",")[0]) for line in marked.read_text().splitlines()[1:4]]
+    assert sorted(set(range(200)) - set(_digits(exclude=str(marked)).curated.keep.tolist())) == sorted(order)
+    for mark in ("yes", "x", ""):
+        bad = _rewrite(path, tmp_path / "bad.csv", flagged=["true", mark])
+        index = bad.read_text().splitlines()[2].split(",")[0]
+        with pytest.raises(
+            ValueError, match=rf"bad\.csv.*row index {index} has flagged='{mark}'.*'true', '1'"
+        ):
+            _digits(exclude=str(bad))
+    excel = _rewrite(path, tmp_path / "excel.csv", "utf-8-sig", flagged=["true"])  # a byte-order mark
+    assert excel.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert _digits(exclude=str(excel)).curated.summary["excluded"] == 1
+
+
+def test_exclude_top_ranks_by_the_full_score_and_then_file_order(tmp_path):
+    data = _digits()
+    scores = np.linspace(0, 0.5, 200)
+    scores[[3, 9]] = [0.9999996, 0.9999999]  # the same at 6 decimals: 9 is the top row
+    top = _digits(exclude=str(_csv(data, tmp_path / "s.csv", [], scores)), exclude_top=1)
+    assert sorted(set(range(200)) - set(top.curated.keep.tolist())) == [9]
+    scores[[3, 9, 40]] = 1.0  # a true tie: the file lists 3, 9, 40 in that order (stable sort)
+    top = _digits(exclude=str(_csv(data, tmp_path / "t.csv", [], scores)), exclude_top=2)
+    assert sorted(set(range(200)) - set(top.curated.keep.tolist())) == [3, 9]
+
+
+def test_an_exclusion_that_empties_a_class_names_the_key_and_file(tmp_path):
+    data = _digits()
+    zeros = np.flatnonzero(data.curated.labels == 0)
+    path = _csv(data, tmp_path / "all_zeros.csv", zeros.tolist())
+    with pytest.raises(
+        ValueError, match=r"data.exclude='.*all_zeros.csv' drops all 20 training examples of class '0'"
+    ):
+        _digits(exclude=str(path))
+    scores = np.zeros(200)
+    scores[zeros] = 1.0
+    path = _csv(data, tmp_path / "top.csv", [], scores)
+    with pytest.raises(ValueError, match=r"data.exclude_top=25 of '.*top.csv' drops all 20 .* class '0'"):
+        _digits(exclude=str(path), exclude_top=25)
+    summary = _digits(exclude=str(path), exclude_top=19).curated.summary
+    assert summary["exclude_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _image_folder(root: Path, **kwargs) -> ImageFolderDataModule:
     data = ImageFolderDataModule(str(root), DATA_CONFIG, augment=False, num_workers=0, **kwargs)
     data.setup()
     return data
 
 
-def test_image_folders_match_by_path(tmp_path):
+def test_image_folders_match_by_path(tmp_path, monkeypatch):
     for name, shade in (("dark", 30), ("light", 220)):
         (tmp_path / "a" / name).mkdir(parents=True)
         for i in range(10):
@@ -135,15 +197,22 @@ def test_image_folders_match_by_path(tmp_path):
     path = _csv(data, tmp_path / "a.csv", [0, 2])
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert {row["path"] for row in rows} == {p for p, _ in data.train_set.samples} and not rows[0]["item"]
-    cleaned = _image_folder(tmp_path / "a", exclude=str(path))
-    assert cleaned.train_set.samples == [s for i, s in enumerate(data.train_set.samples) if i not in (0, 2)]
+    root = str(tmp_path / "a")
+    assert {row["path"] for row in rows} == {p[len(root) + 1 :] for p, _ in data.train_set.samples}
+    assert rows[0]["path"].split("/")[0] in ("dark", "light") and not rows[0]["item"]  # relative to root
+    keep = [s for i, s in enumerate(data.train_set.samples) if i not in (0, 2)]
+    for spelling in (root, root + "/", f"{tmp_path}/./a"):  # the same folder, spelled three ways
+        assert _image_folder(Path(spelling), exclude=str(path)).train_set.samples == keep
+    monkeypatch.chdir(tmp_path)
+    assert _image_folder(Path("a"), exclude=str(path)).curated.summary["excluded"] == 2
 
-    (tmp_path / "a").rename(tmp_path / "b")  # the same images elsewhere: other paths
-    with pytest.raises(
-        ValueError, match=r"a\.csv.*ImageFolderDataModule: at index \d+ the file has path '.*/a/"
-    ):
-        _image_folder(tmp_path / "b", exclude=str(path))
+    (tmp_path / "other" / "dark").mkdir(parents=True)  # another folder: other files
+    (tmp_path / "other" / "light").mkdir()
+    for i in range(10):
+        Image.new("L", (8, 8), 9).save(tmp_path / "other" / "dark" / f"d{i}.png")
+        Image.new("L", (8, 8), 99).save(tmp_path / "other" / "light" / f"l{i}.png")
+    with pytest.raises(ValueError, match=r"a\.csv.*ImageFolderDataModule: at index \d+ the file has path '"):
+        _image_folder(tmp_path / "other", exclude=str(path))
 
 
 def test_text_files_match_by_text_and_take_noise(tmp_path, tiny_bert):

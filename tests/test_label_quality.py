@@ -7,6 +7,7 @@ The fold test needs no cleanlab; the detection tests and the script run skip wit
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -88,8 +89,12 @@ def test_the_table_is_sorted_by_score_with_one_row_per_example(tmp_path):
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["index"] for r in rows] == ["1", "3", "2", "0"]
-    assert rows[0] == {"index": "1", "text": "b", "given": "dog", "suggested": "cat", "score": "0.900000",
+    assert rows[0] == {"index": "1", "text": "b", "given": "dog", "suggested": "cat", "score": "0.9",
                        "flagged": "true", "true": "dog"}  # fmt: skip
+    close = np.array([0.1, 0.9999996, 0.2, 0.9999999])  # equal once rounded to 6 decimals
+    issues = LabelIssues(given, given, close, np.zeros(4, bool), np.zeros((2, 2)), ["cat", "dog"])
+    with write_label_issues(tmp_path / "c.csv", issues, TrainingRows("text", list("abcd"))).open() as handle:
+        assert [float(r["score"]) for r in csv.DictReader(handle)] == sorted(close, reverse=True)  # exact
 
 
 @pytest.mark.slow
@@ -101,8 +106,10 @@ def test_label_issues_script_then_training_without_the_flagged_rows(tmp_path, ma
 
     scan = tmp_path / "scan"
     data = ["data=digits", "data.image_size=32", "data.train_per_class=20", "data.label_noise.rate=0.2"]
-    command = [sys.executable, str(ROOT / "scripts" / "label_issues.py"), *data, "label_issues.folds=3",
-               f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={scan}"]  # fmt: skip
+    # data.augment=true as a training run may have it: the scan reads unaugmented features regardless
+    command = [sys.executable, str(ROOT / "scripts" / "label_issues.py"), *data, "data.augment=true",
+               "label_issues.folds=3", f"paths.cache_dir={tmp_path / 'cache'}",
+               f"hydra.run.dir={scan}"]  # fmt: skip
     subprocess.run(command, check=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
     result = json.loads((scan / "label_issues.json").read_text())
     for name in ("label_issues.csv", "top_flagged.png", "noise_matrix.png", "feature_map.png"):
@@ -121,5 +128,6 @@ def test_label_issues_script_then_training_without_the_flagged_rows(tmp_path, ma
     train(cfg)
     metrics = json.loads((tmp_path / "cleaned" / "metrics.json").read_text())
     assert metrics["curation"]["excluded"] == flagged and metrics["curation"]["exclude_file"] == str(csv_path)
+    assert metrics["curation"]["exclude_sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
     assert metrics["curation"]["label_noise"]["flipped"] == 40
     assert metrics["train_examples_per_class"] == round((200 - flagged) / 10, 1)

@@ -140,8 +140,10 @@ def write_label_issues(
 
     Columns: ``index`` (position in the training split), ``path`` (image files; empty for data held in
     memory), ``item`` (the row of an in-memory data set) or ``text``, ``given``, ``suggested``,
-    ``score``, ``flagged`` (``true``/``false``), and ``true`` (the label before planted noise) when
-    ``true_labels`` is given. ``data.exclude=<this file>`` drops the flagged rows.
+    ``score`` (full precision, so that ``data.exclude_top`` ranks as written), ``flagged``
+    (``true``/``false``), and ``true`` (the label before planted noise) when ``true_labels`` is given.
+    ``path`` is relative to the image folder's ``data.root``. ``data.exclude=<this file>`` drops the
+    flagged rows.
 
     Raises:
         ValueError: If ``rows`` does not have one name per example.
@@ -163,7 +165,7 @@ def write_label_issues(
                 "index": int(i),
                 "given": names[issues.given[i]],
                 "suggested": names[issues.suggested[i]],
-                "score": f"{issues.score[i]:.6f}",
+                "score": repr(float(issues.score[i])),
                 "flagged": "true" if issues.flagged[i] else "false",
             }
             if true_labels is not None:

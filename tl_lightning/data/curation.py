@@ -20,6 +20,7 @@ it: score a run, then train the same overrides with ``data.exclude=<its csv>``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ NOISE_KINDS = ("symmetric", "pairs")
 #: sets held in memory) the row of the data set's own files.
 KEY_COLUMNS = ("path", "text", "item")
 NOISE_KEYS = ("rate", "kind", "seed")
+#: What a ``flagged`` cell may hold (case and surrounding blanks ignored), and what it means.
+FLAGGED_VALUES = {"true": True, "1": True, "false": False, "0": False}
 
 
 def flip_labels(labels: np.ndarray, num_classes: int, rate: float, kind: str, seed: int) -> np.ndarray:
@@ -104,8 +107,8 @@ class CuratedTraining:
         labels: The labels to train on, one per kept row (noisy when noise was planted).
         true_labels: The labels the data set holds, one per kept row.
         rows: The names of the kept rows.
-        summary: What was done, for ``metrics.json``: ``excluded``, ``exclude_file``, ``exclude_top``,
-            ``label_noise`` (``rate``, ``kind``, ``seed``, ``flipped``).
+        summary: What was done, for ``metrics.json``: ``excluded``, ``exclude_file``, ``exclude_sha256``
+            (the file's digest), ``exclude_top``, ``label_noise`` (``rate``, ``kind``, ``seed``, ``flipped``).
     """
 
     keep: np.ndarray
@@ -183,7 +186,7 @@ class TrainingCuration:
         Raises:
             FileNotFoundError: If ``data.exclude`` is not a file, naming the key.
             ValueError: If ``data.exclude`` does not describe this training split, naming the file,
-                the data and the first difference.
+                the data and the first difference, or if it drops every training example of a class.
         """
         true = np.asarray(labels, dtype=np.int64)
         given = true
@@ -202,13 +205,31 @@ class TrainingCuration:
                 raise FileNotFoundError(f"data.exclude={self.exclude!r} is not a file (a label_issues.csv)")
             drop = excluded_rows(self.exclude, rows, [class_names[y] for y in given], self.exclude_top, data)
             keep = np.flatnonzero(~drop)
+            self._check_classes_kept(given, drop, class_names)
             summary |= {
                 "excluded": int(drop.sum()),
                 "exclude_file": self.exclude,
+                "exclude_sha256": file_sha256(self.exclude),
                 "exclude_top": self.exclude_top,
             }
         kept_rows = TrainingRows(rows.column, [rows.keys[i] for i in keep])
         return CuratedTraining(keep, given[keep], true[keep], kept_rows, summary)
+
+    def _check_classes_kept(self, given: np.ndarray, drop: np.ndarray, class_names: Sequence[str]) -> None:
+        """Stop if the exclusion leaves a class with no training example, naming the key and the file."""
+        for cls, name in enumerate(class_names):
+            members = given == cls
+            if members.any() and drop[members].all():
+                key = f"data.exclude_top={self.exclude_top} of " if self.exclude_top else "data.exclude="
+                raise ValueError(
+                    f"{key}{self.exclude!r} drops all {int(members.sum())} training examples of class "
+                    f"{name!r}: unflag some of them or lower data.exclude_top"
+                )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (recorded so that a run names exactly which exclusion it used)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def excluded_rows(
@@ -221,14 +242,19 @@ def excluded_rows(
             ``given``, ``score`` and ``flagged``.
         rows: Names of the training rows.
         given: The given label (class name) of every training row.
-        top: Exclude the ``top`` rows with the highest ``score`` instead of the ``flagged`` ones.
+        top: Exclude the ``top`` rows with the highest ``score`` instead of the ``flagged`` ones; equal
+            scores rank in the file's order (the file is written highest score first).
         data: How to name the data in messages.
 
+    The file may carry a byte-order mark (a spreadsheet's "UTF-8 CSV"); a ``flagged`` cell holds one of
+    :data:`FLAGGED_VALUES` (case and blanks ignored).
+
     Raises:
-        ValueError: If the file lacks a column, has another number of rows, or names another
-            example or label at some index; the message names the file, the data and the difference.
+        ValueError: If the file lacks a column, has another number of rows, names another example or
+            label at some index, or holds a ``flagged`` cell outside :data:`FLAGGED_VALUES`; the message
+            names the file, the data (or row) and the difference.
     """
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         table = list(csv.DictReader(handle))
     where = f"data.exclude={str(path)!r} does not match the training split of {data}"
     needed = ("index", rows.column, "given", "score", "flagged")
@@ -242,7 +268,8 @@ def excluded_rows(
         )
     drop = np.zeros(len(rows.keys), dtype=bool)
     scores = np.full(len(rows.keys), -math.inf)
-    for line in table:
+    file_order = np.zeros(len(rows.keys), dtype=np.int64)
+    for position, line in enumerate(table):
         index = int(line["index"])
         if not 0 <= index < len(rows.keys) or scores[index] != -math.inf:
             raise ValueError(f"{where}: index {index} is outside 0..{len(rows.keys) - 1} or repeated")
@@ -257,8 +284,15 @@ def excluded_rows(
                 f"{given[index]!r} (same data.label_noise and data.train_per_class as the scored run?)"
             )
         scores[index] = float(line["score"])
-        drop[index] = line["flagged"].strip().lower() == "true"
+        file_order[index] = position
+        mark = (line["flagged"] or "").strip().lower()
+        if mark not in FLAGGED_VALUES:
+            raise ValueError(
+                f"data.exclude={str(path)!r}: row index {index} has flagged={line['flagged']!r}; "
+                f"allowed (any case): {list(FLAGGED_VALUES)}"
+            )
+        drop[index] = FLAGGED_VALUES[mark]
     if top is not None:
         drop[:] = False
-        drop[np.argsort(-scores, kind="stable")[:top]] = True
+        drop[np.lexsort((file_order, -scores))[:top]] = True
     return drop

@@ -41,8 +41,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         skip_corrupt: Drop unreadable images instead of stopping.
         shuffle_seed: Seed of the per-epoch training order and of the augmentation draws.
         num_workers: ``DataLoader`` workers.
-        exclude: A ``label_issues.csv`` of this training split (rows named by ``path``); its flagged
-            rows are dropped.
+        exclude: A ``label_issues.csv`` of this training split (rows named by ``path``, relative to
+            ``root``); its flagged rows are dropped.
         exclude_top: Drop the ``N`` highest-scored rows of ``exclude`` instead.
         label_noise: ``{rate, kind, seed}`` of label noise planted in the training split.
 
@@ -107,8 +107,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         check_disjoint(samples, self._digests)
         samples["train"] = self._take_per_class(samples["train"])
         train = samples["train"]
-        curated = self.curate_training(TrainingRows("path", [p for p, _ in train]), [y for _, y in train])
-        samples["train"] = list(zip(curated.rows.keys, curated.labels.tolist(), strict=True))
+        # named relative to data.root, so that the same folder spelled another way (``./x``, an
+        # absolute path, a trailing slash) or moved reads its own label_issues.csv
+        names = [Path(path).relative_to(self.root).as_posix() for path, _ in train]
+        curated = self.curate_training(TrainingRows("path", names), [y for _, y in train])
+        kept = zip(curated.keep.tolist(), curated.labels.tolist(), strict=True)
+        samples["train"] = [(train[i][0], label) for i, label in kept]
         for split in SPLITS:
             check_split([label for _, label in samples[split]], self.class_names, split)
         self.train_set, self.val_set, self.test_set = (
