@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import time
 
 import lightning.pytorch as pl
 import pytest
@@ -10,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from tl_lightning.run.checkpointing import TMP_SUFFIX, AsyncAtomicCheckpointIO
+from tl_lightning.run.checkpointing import TMP_SUFFIX, AsyncAtomicCheckpointIO, WaitForCheckpointWrites
 
 
 class _HeavyImproving(BoringModel):
@@ -77,3 +78,95 @@ def test_a_failed_write_stops_fit_with_its_error(tmp_path):
     assert raised.value.errno in (errno.ENOTDIR, errno.EEXIST)
     assert blocker.read_text() == "not a directory"
     assert not list(tmp_path.glob(f".*{TMP_SUFFIX}"))
+
+
+class _Improving(BoringModel):
+    """A tiny model whose monitored metric improves at every validation (a new best each time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validations = 0
+
+    def on_validation_epoch_start(self) -> None:
+        self.validations += 1
+
+    def validation_step(self, batch, batch_idx):
+        self.log("score", float(self.validations))
+
+
+def _fit_light(io, checkpoints, callbacks=(), **trainer_args) -> ModelCheckpoint:
+    best = ModelCheckpoint(
+        dirpath=checkpoints,
+        filename="epoch{epoch:02d}",
+        auto_insert_metric_name=False,
+        monitor="score",
+        mode="max",
+        **trainer_args.pop("top", {}),
+    )
+    trainer = pl.Trainer(
+        limit_train_batches=4,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[io],
+        callbacks=[best, *callbacks],
+        **trainer_args,
+    )
+    trainer.fit(_Improving())
+    return best
+
+
+def test_a_failed_write_keeps_the_previous_best(tmp_path, monkeypatch):
+    """The disk fills up from the second write on: the failed save of the new best must not be followed
+    by the removal of the previous best (queued behind it), so epoch 0's file stays and fit raises."""
+    real_save, calls = torch.save, []
+
+    def save_until_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(OSError) as raised:
+        _fit_light(AsyncAtomicCheckpointIO(), tmp_path, max_epochs=3)
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch00.ckpt"]
+
+
+def test_a_second_save_of_one_name_waits_and_is_versioned(tmp_path, monkeypatch):
+    """Two validations in one epoch save ``epoch00`` twice; the first write is slow (still pending when
+    the second name is picked). With ``WaitForCheckpointWrites`` the second becomes ``epoch00-v1``, as
+    with synchronous writes, instead of overwriting the first."""
+    real_save = torch.save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.5)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    best = _fit_light(
+        AsyncAtomicCheckpointIO(),
+        tmp_path,
+        [WaitForCheckpointWrites()],
+        max_epochs=1,
+        val_check_interval=0.5,
+        top={"save_top_k": -1},
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch00-v1.ckpt", "epoch00.ckpt"]
+    assert sorted(float(v) for v in best.best_k_models.values()) == [1.0, 2.0]
+
+
+def test_the_snapshot_keeps_state_dict_metadata(tmp_path):
+    """``state_dict()._metadata`` (module versions, read by ``load_state_dict``) is written, as the
+    synchronous writer writes it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    io = AsyncAtomicCheckpointIO()
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [{"state": {}}]}
+    io.save_checkpoint(checkpoint, tmp_path / "m.ckpt")
+    io.wait()
+    io.teardown()
+    written = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
+    assert written._metadata == model.state_dict()._metadata

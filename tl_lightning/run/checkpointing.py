@@ -90,15 +90,41 @@ class AsyncAtomicCheckpointIO(AsyncCheckpointIO):
     Each write is still atomic (temporary file next to the destination, fsync, rename): a kill at any
     instant leaves the previous complete checkpoint. Every write has finished when ``fit`` ends
     (Lightning calls :meth:`teardown`); a failed write (a full disk) raises at the next save, load or
-    removal, or at the end of ``fit``, with :class:`AtomicCheckpointIO`'s message.
+    removal, or at the end of ``fit``, with :class:`AtomicCheckpointIO`'s message; after it, nothing
+    more is written or removed (the previous best is kept). The snapshot keeps every state dict's
+    ``_metadata``. Pair it with :class:`WaitForCheckpointWrites` so ``ModelCheckpoint`` sees pending
+    files when it picks a name.
 
     Example::
 
-        trainer = pl.Trainer(plugins=[AsyncAtomicCheckpointIO()])
+        trainer = pl.Trainer(plugins=[AsyncAtomicCheckpointIO()], callbacks=[WaitForCheckpointWrites()])
     """
 
     def __init__(self) -> None:
         super().__init__(AtomicCheckpointIO())
+        self._pending: list[str] = []  # destinations of the queued writes, in order
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self._ensure_setup()
+        self._raise_failure()
+        snapshot = _snapshot(checkpoint)  # on the calling thread: the next step cannot change it
+        self._pending.append(str(path))
+        self._executor.submit(self._write, snapshot, path, storage_options)
+
+    def _write(self, checkpoint: dict[str, Any], path, storage_options: Any | None) -> None:
+        try:
+            if self._error is None:  # after a failed write, nothing more is written or removed
+                self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options)
+        except BaseException as error:
+            self._error = error
+        finally:
+            self._pending.remove(str(path))
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """Destinations of the writes queued or running (their files may not be on disk yet)."""
+        return tuple(self._pending)
 
     @override
     def remove_checkpoint(self, path) -> None:
@@ -107,6 +133,8 @@ class AsyncAtomicCheckpointIO(AsyncCheckpointIO):
         self._raise_failure()
 
     def _remove(self, path) -> None:
+        if self._error is not None:  # the write that replaces ``path`` failed: keep the previous file
+            return
         try:
             self.checkpoint_io.remove_checkpoint(path)
         except BaseException as error:
@@ -130,6 +158,56 @@ class AsyncAtomicCheckpointIO(AsyncCheckpointIO):
     def _raise_failure(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of ``value``'s tensors (detached clones) in the same containers; a state dict keeps its
+    ``_metadata`` (module versions, which ``load_state_dict`` passes to modules that upgrade old layouts)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        copy = type(value)((key, _snapshot(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            copy._metadata = value._metadata
+        return copy
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_snapshot(item) for item in value)
+    return value
+
+
+class WaitForCheckpointWrites(pl.Callback):
+    """Let :class:`AsyncAtomicCheckpointIO`'s pending writes land before ``ModelCheckpoint`` picks a name.
+
+    ``ModelCheckpoint`` picks a free name (``name``, ``name-v1``, ...) by looking at the disk, where a
+    queued write is not yet; a second save of the same name would overwrite the first instead of
+    being versioned. Lightning runs checkpoint callbacks after every other callback, so this one's
+    hooks come first: it waits (only when a write is still pending) at the end of validation and of
+    the training epoch, and after a training batch when a checkpoint callback saves every
+    ``n`` training steps. A write still overlaps the training up to the next save point.
+
+    Example::
+
+        trainer = pl.Trainer(plugins=[AsyncAtomicCheckpointIO()], callbacks=[WaitForCheckpointWrites()])
+    """
+
+    @staticmethod
+    def _wait(trainer: pl.Trainer) -> None:
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, AsyncAtomicCheckpointIO) and io.pending:
+            io.wait()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if any(getattr(c, "_every_n_train_steps", 0) for c in trainer.checkpoint_callbacks):
+            self._wait(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wait(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wait(trainer)
 
 
 def _out_of_space(error: BaseException) -> OSError | None:

@@ -28,6 +28,7 @@ from tl_lightning.run.checkpointing import (
     METADATA_KEY,
     AsyncAtomicCheckpointIO,
     RunMetadata,
+    WaitForCheckpointWrites,
     load_checkpoint,
     plain_data_config,
     remove_partial_checkpoints,
@@ -109,8 +110,11 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
             callbacks.append(EvaluateOnCachedFeatures())
         else:
             module.use_cached_features()
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_trainer_plugins(cfg)
+    trainer: pl.Trainer = instantiate(  # the callback: ModelCheckpoint sees pending writes when naming files
+        cfg.trainer,
+        callbacks=[*callbacks, WaitForCheckpointWrites()],
+        logger=loggers or False,
+        plugins=_trainer_plugins(cfg),
     )
     if cfg.ckpt_path:
         _check_resume(cfg, module, trainer.callbacks)
