@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,15 @@ from torch.utils.data import TensorDataset
 from tl_lightning.backbones import small_cnn, timm_backbone
 from tl_lightning.callbacks import Freeze, GradualUnfreeze, LayerwiseLR
 from tl_lightning.data import DigitsDataModule
+from tl_lightning.data.domain_pair import DomainPairDataModule
 from tl_lightning.modules.heads import LinearHead
 from tl_lightning.modules.transfer import TransferModule
-from tl_lightning.run.feature_cache import cache_applies, cache_key, extract_features
+from tl_lightning.run.feature_cache import (
+    cache_applies,
+    cache_key,
+    evaluation_cache_applies,
+    extract_features,
+)
 from tl_lightning.run.pipeline import train
 
 LONGER = [
@@ -28,6 +35,12 @@ LONGER = [
 
 def _run(make_cfg, *overrides):
     cfg = make_cfg("strategy=linear_probe", *LONGER, *overrides, run=overrides[0].replace("=", "-"))
+    train(cfg)
+    return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+
+def _run_fast(make_cfg, *overrides):
+    cfg = make_cfg("strategy=linear_probe", *overrides, run=overrides[0].replace("=", "-"))
     train(cfg)
     return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
 
@@ -336,3 +349,33 @@ def test_the_cache_feeds_a_bf16_true_backbone_inputs_of_its_dtype(make_cfg):
     train(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert metrics["feature_cache"] == "memory" and metrics["test"]["test/loss"] is not None
+
+
+def test_evaluation_cache_applies_only_to_one_validation_and_one_test_split():
+    """Domain adaptation (validation and test on two domains) keeps running the backbone: ``auto``
+    resolved to ``evaluation`` there once, and the wrapper failed on the pair's missing ``data_config``."""
+    config = small_cnn().data_config
+    frozen, module = [Freeze("backbone")], _module()
+    plain = DigitsDataModule(config, image_size=8, augment=True)
+    pair = DomainPairDataModule(config, partial(DigitsDataModule, augment=True), partial(DigitsDataModule))
+    assert evaluation_cache_applies(frozen, plain, module)
+    assert not evaluation_cache_applies(frozen, pair, module)
+    assert not evaluation_cache_applies([], plain, module)
+
+
+def test_bf16_mixed_evaluation_on_cached_features_matches_running_the_backbone(make_cfg):
+    """Under ``precision=bf16-mixed`` a validation step runs the backbone under autocast; the cached
+    features are extracted under the same autocast, so the metrics equal the uncached run's."""
+    small = (
+        "data.augment=true",
+        "backbone=small_cnn",
+        "backbone.pretrained=false",
+        "+trainer.precision=bf16-mixed",
+    )
+    uncached, cached = (
+        _run_fast(make_cfg, mode, *small) for mode in ("feature_cache=off", "feature_cache=auto")
+    )
+    assert cached["feature_cache"] == "evaluation"
+    for split in ("final", "test"):
+        for name, value in uncached[split].items():
+            assert cached[split][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (split, name)

@@ -32,6 +32,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -75,16 +76,25 @@ def backbone_stays_frozen(callbacks: Sequence[pl.Callback], module: nn.Module) -
     return all(id(p) in frozen for p in backbone.parameters())
 
 
-def evaluation_cache_applies(callbacks: Sequence[pl.Callback], module: nn.Module) -> bool:
+def evaluation_cache_applies(
+    callbacks: Sequence[pl.Callback], datamodule: pl.LightningDataModule, module: nn.Module
+) -> bool:
     """Whether validation and test can run on cached features: the backbone stays frozen (random training
-    inputs allowed: evaluation inputs are never augmented) and the module takes features
-    (``use_cached_features``, as ``TransferModule`` does).
+    inputs allowed: evaluation inputs are never augmented), the module takes features
+    (``use_cached_features``, as ``TransferModule`` does) and the data module is a plain
+    :class:`~tl_lightning.data.base.ClassificationDataModule` with one validation and one test split
+    (not domain adaptation's or multi-task's lists of loaders).
 
     Args:
         callbacks: The run's callbacks.
+        datamodule: The run's data module.
         module: The ``LightningModule``.
     """
-    return hasattr(module, "cached_features") and backbone_stays_frozen(callbacks, module)
+    single_split = isinstance(datamodule, ClassificationDataModule) and all(
+        getattr(type(datamodule), name) is getattr(ClassificationDataModule, name)
+        for name in ("val_dataloader", "test_dataloader")
+    )
+    return single_split and hasattr(module, "cached_features") and backbone_stays_frozen(callbacks, module)
 
 
 def cache_applies(
@@ -346,7 +356,9 @@ class CachedFeatureDataModule(ClassificationDataModule):
     ``parameter.data``, which bypasses the version counter, is not seen: write the tensor itself, under
     ``torch.no_grad()``, or use ``load_state_dict``). Extraction runs
     on the trainer's device when a trainer is attached, in batches of the wrapped data module's
-    ``batch_size`` (collated by its ``collate_fn`` when it has one, as text data modules do).
+    ``batch_size`` (collated by its ``collate_fn`` when it has one, as text data modules do), under
+    the trainer's precision (``bf16-mixed``: autocast, as in a training or validation step; the
+    precision is then part of the on-disk key).
 
     Args:
         datamodule: The image or text data module (deterministic training inputs, unless ``splits``
@@ -416,15 +428,21 @@ class CachedFeatureDataModule(ClassificationDataModule):
         if seen != self._seen:  # a tensor was written or replaced: hash what the weights hold now
             self._seen, self._fingerprint = seen, weights_fingerprint(self.backbone)
         if self._extracted_from.get(split) != self._fingerprint:
-            extracted = extract_features(
-                self.backbone,
-                getattr(self.source, f"{split}_set"),
-                self.source.batch_size,  # what training fits in memory; activations dominate the peak
-                self.cache_dir,
-                config=self.config,
-                device=self.trainer.strategy.root_device if self.trainer is not None else None,
-                collate=getattr(self.source, "collate_fn", None),
-            )
+            trainer = self.trainer
+            config = self.config
+            if trainer is not None and str(trainer.precision) != "32-true":  # e.g. bf16-mixed: other features
+                config = {**config, "precision": str(trainer.precision)}
+            # under the trainer's precision (autocast for *-mixed), as the backbone runs in a step
+            with trainer.precision_plugin.forward_context() if trainer is not None else nullcontext():
+                extracted = extract_features(
+                    self.backbone,
+                    getattr(self.source, f"{split}_set"),
+                    self.source.batch_size,  # what training fits in memory; activations dominate the peak
+                    self.cache_dir,
+                    config=config,
+                    device=trainer.strategy.root_device if trainer is not None else None,
+                    collate=getattr(self.source, "collate_fn", None),
+                )
             setattr(self, f"{split}_set", extracted)
             self._extracted_from[split] = self._fingerprint
         return getattr(self, f"{split}_set")

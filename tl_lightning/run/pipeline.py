@@ -355,7 +355,7 @@ def _feature_cache_mode(cfg: DictConfig, callbacks: list, datamodule, module) ->
             return "off"
         if applies:
             return "memory"
-        return "evaluation" if evaluation_cache_applies(callbacks, module) else "off"
+        return "evaluation" if evaluation_cache_applies(callbacks, datamodule, module) else "off"
     if mode != "off" and not applies:
         raise ValueError(
             f"feature_cache={mode} needs a frozen backbone (strategy=linear_probe) and data.augment=false"
