@@ -31,6 +31,7 @@ from tl_lightning.modules.sharding import (
     is_sharded_checkpoint,
     readable_checkpoint,
 )
+from tl_lightning.run.checkpointing import AsyncAtomicCheckpointIO
 
 __all__ = [
     "ShardedDataParallel",
@@ -67,7 +68,37 @@ class ShardedDataParallel(ModelParallelStrategy):
     @override
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # every process shards data
+        self._sync_buffers = True  # DDP's require_forward_param_sync: first forward broadcasts
         super().setup_environment()
+
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's module buffers (BatchNorm running statistics) to every rank, as DDP does before a
+        forward that follows a forward with gradients (FSDP2 shards parameters and leaves buffers alone,
+        so each rank's would drift apart on its own data). Called before each step."""
+        if getattr(self, "_sync_buffers", True) and self.world_size > 1:
+            for buffer in self.lightning_module.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
+        self._sync_buffers = torch.is_grad_enabled()
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._broadcast_buffers()
+        return super().training_step(*args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._broadcast_buffers()
+        return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._broadcast_buffers()
+        return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._broadcast_buffers()
+        return super().predict_step(*args, **kwargs)
 
     @override
     def save_checkpoint(
@@ -80,6 +111,8 @@ class ShardedDataParallel(ModelParallelStrategy):
             shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
         self.barrier()
         super().save_checkpoint(checkpoint, partial, storage_options)
+        if isinstance(self.checkpoint_io, AsyncAtomicCheckpointIO):  # a consolidated file: in the background
+            self.checkpoint_io.wait()  # it must be complete before it is renamed
         self.barrier()
         if self.global_rank == 0:
             _replace(partial, path)
