@@ -148,11 +148,14 @@ def test_packing_makes_every_token_a_target_and_splits_by_document(tiny_llama, t
     )
 
 
-def test_first_choice_names_the_label_a_generation_says_first():
-    assert first_choice("Fresh: a fine film", ["fresh", "rotten"]) == 0
-    assert first_choice("It is rotten, not fresh.", ["fresh", "rotten"]) == 1
-    assert first_choice("refreshing", ["fresh", "rotten"]) == -1  # whole words only
-    assert first_choice("I cannot say", ["fresh", "rotten"]) == -1
+def test_first_choice_counts_only_an_answer_that_opens_with_exactly_one_choice():
+    choices = ["fresh", "rotten"]
+    assert first_choice("Fresh: a fine film", choices) == 0
+    assert first_choice(" ROTTEN.", choices) == 1
+    assert first_choice("Fresh, fresh!", choices) == 0
+    for wrong in ("Not fresh.", "Fresh? No, rotten.", "It is rotten", "refreshing", "I cannot say", ""):
+        assert first_choice(wrong, choices) == -1, wrong
+    assert first_choice("very good", ["good", "very good"]) == 1  # a multi-word choice opens it whole
 
 
 def test_lm_retention_is_the_perplexity_of_the_general_text(tiny_llama):

@@ -140,7 +140,7 @@ class CausalLMModule(pl.LightningModule):
     whole split (all batches and DDP ranks together): ``<stage>/loss`` (mean token cross-entropy),
     ``<stage>/ppl`` (its exponential) and, when the data's responses are a small set of labels
     (``answer_choices``), ``<stage>/acc``: the share of prompts whose greedy generation (at most
-    ``max_new_tokens`` tokens) names the right label first (:func:`first_choice`).
+    ``max_new_tokens`` tokens) opens with the right label and names no other (:func:`first_choice`).
 
     Args:
         backbone: A :class:`LanguageModel` (``backbone=causal_lm``), possibly PEFT-wrapped.
@@ -380,18 +380,30 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def first_choice(text: str, choices: Sequence[str]) -> int:
-    """Index of the choice a generated answer names first (whole words, any case), ``-1`` for none.
+    """Index of the choice a generated answer's first word is (case and punctuation ignored), ``-1`` for none.
 
-    ``"Fresh."`` and ``"The review is fresh"`` both name ``fresh``; ``"rotten, not fresh"`` names
-    ``rotten``. An answer naming no choice counts as wrong.
+    Only an answer that opens with exactly one choice counts: ``"Fresh."`` and ``"rotten, a dull film"``
+    name ``fresh`` and ``rotten``; ``"Not fresh."``, ``"The review is fresh"`` and
+    ``"Fresh? No, rotten."`` hedge or qualify, so they name no choice and count as wrong. A
+    multi-word choice must open the answer whole.
 
     Example::
 
-        first_choice("It is FRESH!", ["fresh", "rotten"])  # 0
+        first_choice("FRESH!", ["fresh", "rotten"])  # 0
     """
-    found = [
-        (match.start(), i)
-        for i, choice in enumerate(choices)
-        if (match := re.search(rf"(?<!\w){re.escape(choice.strip())}(?!\w)", text, re.IGNORECASE))
-    ]
-    return min(found)[1] if found else -1
+    words = _words(text)
+    found = [i for i, choice in enumerate(choices) if (w := _words(choice)) and words[: len(w)] == w]
+    if len(found) != 1:
+        return -1
+    chosen = found[0]
+    rest = words[len(_words(choices[chosen])) :]
+    others = [_words(c) for i, c in enumerate(choices) if i != chosen]
+    return -1 if any(w and _contains(rest, w) for w in others) else chosen
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+def _contains(words: list[str], phrase: list[str]) -> bool:
+    return any(words[i : i + len(phrase)] == phrase for i in range(len(words) - len(phrase) + 1))
