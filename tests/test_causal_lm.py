@@ -182,6 +182,21 @@ def test_lm_retention_is_the_perplexity_of_the_general_text(tiny_llama):
         (["data=lm_text", "data.train_file=x.txt"], "use task=causal_lm"),
         (["backbone=causal_lm"], "train it with task=causal_lm"),
         (["task=causal_lm", "head=linear"], "use head=language_model"),
+        *(
+            (
+                ["task=causal_lm", f"strategy={s}"],
+                f"strategy={s} does not apply to task=causal_lm.*full_finetune\\|lora",
+            )
+            for s in (
+                "linear_probe",
+                "linear_probe_lbfgs",
+                "lp_ft",
+                "source_only",
+                "dann",
+                "mmd",
+                "multitask",
+            )
+        ),
     ],
 )
 def test_mixed_tasks_stop_before_anything_is_built(tmp_path, overrides, message):

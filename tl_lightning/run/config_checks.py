@@ -222,12 +222,30 @@ def _check_schedule(cfg: DictConfig) -> None:
             )
 
 
+# what fine-tunes a language model with its own LM head: no new head, no frozen backbone, one data set
+CAUSAL_LM_STRATEGIES = (
+    "full_finetune",
+    "lora",
+    "ia3",
+    "qlora",
+    "prefix_tuning",
+    "prompt_tuning",
+    "l2sp",
+    "ewc",
+    "discriminative_lr",
+    "gradual_unfreeze",
+    "scratch",
+)
+
+
 def _check_task(cfg: DictConfig) -> None:
     """The module's task (``classification``, or ``causal_lm``: ``CausalLMModule.task``) fits the data's,
     the backbone and the head: a language model with its LM head and no new head for ``causal_lm``.
 
     Raises:
-        ValueError: Naming the mismatched keys and the ``task=...`` choice that fits.
+        ValueError: Naming the mismatched keys and the ``task=...`` choice that fits, or a ``strategy``
+            that cannot train a language model (linear probes, domain adaptation, multi-task), listing
+            :data:`CAUSAL_LM_STRATEGIES`.
     """
     from hydra.utils import get_class, get_object
 
@@ -237,6 +255,12 @@ def _check_task(cfg: DictConfig) -> None:
     data_task = getattr(get_class(cfg.data._target_), "task", "classification")
     factory = get_object(cfg.backbone._target_)
     language_model = _returns(factory, LanguageModel)
+    strategy = cfg.get("strategy_name")
+    if (data_task == "causal_lm" or language_model) and strategy not in CAUSAL_LM_STRATEGIES:
+        raise ValueError(
+            f"strategy={strategy} does not apply to task=causal_lm (it needs a new head, a frozen backbone, "
+            f"or paired/multi-task data); use one of strategy={'|'.join(CAUSAL_LM_STRATEGIES)}"
+        )
     if data_task != task:
         raise ValueError(
             f"data._target_={cfg.data._target_} is {data_task} data but module._target_={cfg.module._target_} "
