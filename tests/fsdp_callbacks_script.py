@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from gloo_launch import run_two_workers
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -41,20 +42,23 @@ from tl_lightning.modules.transfer import TransferModule
 from tl_lightning.run.sharding import ShardedDataParallel
 
 N, GLOBAL_BATCH, EPOCHS = 32, 8, 3  # 4 optimizer steps per epoch
+# cases whose reference is DDP on the same two ranks rather than one process: BatchNorm normalises each
+# rank's half batch and keeps rank 0's running statistics (DDP's broadcast_buffers)
+DDP_REFERENCE = ("foreign-batchnorm",)
 
 
-def _blocks(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)  # LayerNorm, not BatchNorm: batch statistics would differ per rank
-    return nn.Sequential(*[nn.Sequential(nn.Linear(n, 8), nn.LayerNorm(8), nn.ReLU()) for n in (4, 8, 8)])
+def _blocks(seed: int = 0, norm: type[nn.Module] = nn.LayerNorm) -> nn.Sequential:
+    torch.manual_seed(seed)  # LayerNorm by default: BatchNorm's batch statistics differ per rank
+    return nn.Sequential(*[nn.Sequential(nn.Linear(n, 8), norm(8), nn.ReLU()) for n in (4, 8, 8)])
 
 
 class Blocks(pl.LightningModule):
     """A foreign module: ``backbone`` (3 blocks), ``head``, a frozen ``source_head``; shards itself
     (blocks 1 and 2 as units of their own, the rest with the root)."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: type[nn.Module] = nn.LayerNorm) -> None:
         super().__init__()
-        self.backbone = _blocks()
+        self.backbone = _blocks(norm=norm)
         self.head = nn.Linear(8, 3)
         self.source_head = nn.Linear(8, 5).requires_grad_(False)
 
@@ -145,12 +149,25 @@ for kind, factory, first, head in (
             EWC(lambda_=5.0, source_data=probe(), fisher_mode="exact", fisher_samples=24, fisher_chunk_size=8)
         ],
     )
-    CASES[f"{kind}-drift_retention"] = (
+    CASES[f"{kind}-drift_retention"] = (  # a progress bar first: it synced on rank 0 alone (a hang)
         factory,
-        lambda: [LayerDriftMonitor(), SourceRetention(probe())],
+        lambda: [RankZeroBar(), LayerDriftMonitor(), SourceRetention(probe())],
     )
+CASES["foreign-batchnorm"] = (lambda: Blocks(norm=nn.BatchNorm1d), lambda: [])
 CASES["transfer-lora"] = (partial(transfer_module, _lora), lambda: [])
 CASES["transfer-ia3"] = (partial(transfer_module, _ia3), lambda: [])
+
+
+class RankZeroBar(pl.Callback):
+    """What a progress bar does: a metric logged with ``sync_dist`` that rank 0 alone reads (so syncs)
+    at the training epoch end, before the callbacks listed after it run."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        pl_module.log("bar/steps", 1.0, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            trainer.progress_bar_metrics  # noqa: B018 (read for its side effect: the rank-0 sync)
 
 
 class Capture(pl.Callback):
@@ -160,6 +177,7 @@ class Capture(pl.Callback):
         self.metrics: list[dict[str, float]] = []
         self.initial: dict[str, torch.Tensor] = {}
         self.weights: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.initial = {n: full(p.detach()).clone() for n, p in pl_module.named_parameters()}
@@ -169,17 +187,20 @@ class Capture(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.weights = {n: full(p.detach()).clone() for n, p in pl_module.named_parameters()}
+        self.buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
 
 
-def run_case(name: str, rank: int | None, root: Path) -> dict[str, Any]:
-    """Train ``name`` sharded on this rank (``rank`` given) or alone (``None``); weights and metrics."""
+def run_case(name: str, rank: int | None, root: Path, ddp: bool = False) -> dict[str, Any]:
+    """Train ``name`` sharded on this rank (``rank`` given; under DDP with ``ddp``) or alone (``None``);
+    weights, buffers and metrics."""
     make_model, make_callbacks = CASES[name]
     capture = Capture()
     sharded = rank is not None
+    strategy = ShardedDataParallel(process_group_backend="gloo") if sharded else "auto"
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2 if sharded else 1,
-        strategy=ShardedDataParallel(process_group_backend="gloo") if sharded else "auto",
+        strategy=DDPStrategy(process_group_backend="gloo") if ddp else strategy,
         max_epochs=EPOCHS,
         callbacks=[*make_callbacks(), capture],
         default_root_dir=root,
@@ -193,7 +214,12 @@ def run_case(name: str, rank: int | None, root: Path) -> dict[str, Any]:
         limit_val_batches=1,
     )
     trainer.fit(make_model(), loader(rank), val_dataloaders=probe_val())
-    return {"initial": capture.initial, "weights": capture.weights, "metrics": capture.metrics}
+    return {
+        "initial": capture.initial,
+        "weights": capture.weights,
+        "buffers": capture.buffers,
+        "metrics": capture.metrics,
+    }
 
 
 def probe_val() -> DataLoader:
@@ -210,13 +236,16 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         result = run_case(name, rank, Path(out_dir) / "sharded")
         if rank == 0:
             torch.save(result, Path(out_dir) / f"{name}.sharded.pt")
+        if name in DDP_REFERENCE:  # every rank's buffers, beside DDP's (rank 0's broadcast each forward)
+            ddp = run_case(name, rank, Path(out_dir) / "ddp", ddp=True)
+            torch.save({"sharded": result, "ddp": ddp}, Path(out_dir) / f"{name}.rank{rank}.pt")
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     names = sys.argv[2:] or list(CASES)
     run_two_workers(partial(_worker, names=names), str(out))
-    for name in names:
+    for name in (name for name in names if name not in DDP_REFERENCE):
         result = run_case(name, None, out / "single")
         torch.save({"single": result, "sharded": torch.load(out / f"{name}.sharded.pt")}, out / f"{name}.pt")
 

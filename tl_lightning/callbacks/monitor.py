@@ -90,6 +90,7 @@ class LayerDriftMonitor(Callback):
         self._restored: str | None = None  # the checkpoint's fingerprint, until on_fit_start checks it
         self._before_load: dict[str, torch.Tensor] = {}
         self._hook: RemovableHandle | None = None
+        self._drift: dict[str, float] | None = None  # measured after the epoch's last step, logged at its end
 
     @property
     @override
@@ -135,7 +136,23 @@ class LayerDriftMonitor(Callback):
         self._restored, self._before_load = None, {}
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the epoch's drift, measured after its last step: under FSDP2 the shards' sums are all-reduced,
+        # and here every rank is in step (at the epoch end, a progress bar listed first syncs the epoch's
+        # metrics on rank 0 alone, and the two ranks' collectives would pair up wrongly: a hang)
+        if _epoch_ends_after_this_batch(trainer):
+            self._drift = self._measure(pl_module)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        drift = self._drift if self._drift is not None else self._measure(pl_module)
+        self._drift = None
+        pl_module.log_dict(drift, on_step=False, on_epoch=True, batch_size=1)
+
+    def _measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """``{drift/<group>: value}`` for the weights the module holds now."""
         params = parameters_by_name(pl_module, [n for names in self._groups.values() for n in names])
         drift = {}
         for group, names in self._groups.items():
@@ -146,7 +163,7 @@ class LayerDriftMonitor(Callback):
                 sums[1] += start.square().sum()
             moved, initial = self._complete(sums, [params[n] for n in names]).tolist()
             drift[f"drift/{group}"] = (moved / initial) ** 0.5 if initial > 0 else moved**0.5
-        pl_module.log_dict(drift, on_step=False, on_epoch=True, batch_size=1)
+        return drift
 
     @staticmethod
     def _complete(sums: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -195,6 +212,18 @@ class LayerDriftMonitor(Callback):
             "checkpoint was loaded. Build the module as the original run did (the same pretrained "
             "weights or seed), or leave LayerDriftMonitor out (train.py: callbacks.layer_drift=null)"
         )
+
+
+def _epoch_ends_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether the training epoch ends after the batch that just ran (its last batch, ``limit_train_batches``
+    or ``max_steps`` reached, or a stop requested), the condition Lightning's epoch loop stops on."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return (
+        progress.is_last_batch
+        or progress.current.ready == trainer.num_training_batches
+        or 0 <= trainer.max_steps <= trainer.global_step
+        or trainer.should_stop
+    )
 
 
 def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -80,6 +80,16 @@ class ShardedDataParallel(ModelParallelStrategy):
                 torch.distributed.broadcast(buffer.data, src=0)
         self._sync_buffers = torch.is_grad_enabled()
 
+    def _rank_zero_buffers(self, state_dict: dict[str, Any]) -> None:
+        """Put rank 0's buffers into ``state_dict`` (copies): the checkpoint holds what DDP's would, not
+        whichever rank's replica the distributed checkpoint happens to keep."""
+        if self.world_size < 2:
+            return
+        for name, _ in self.lightning_module.named_buffers():
+            if isinstance(state_dict.get(name), torch.Tensor):
+                state_dict[name] = state_dict[name].detach().clone()
+                torch.distributed.broadcast(state_dict[name], src=0)
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._broadcast_buffers()
@@ -110,6 +120,7 @@ class ShardedDataParallel(ModelParallelStrategy):
         if self.global_rank == 0 and partial.exists():
             shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
         self.barrier()
+        self._rank_zero_buffers(checkpoint.get("state_dict", {}))
         super().save_checkpoint(checkpoint, partial, storage_options)
         if isinstance(self.checkpoint_io, AsyncAtomicCheckpointIO):  # a consolidated file: in the background
             self.checkpoint_io.wait()  # it must be complete before it is renamed
