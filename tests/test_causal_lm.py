@@ -104,6 +104,43 @@ def test_labels_mask_the_prompt_and_the_padding_exactly(tiny_llama, pairs_file):
     assert data.class_names == ["fresh", "rotten"]
 
 
+def _write_pairs(path: Path, prompts: list[str], responses: list[str]) -> str:
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_val_answers_the_train_split_never_gives_stop_setup(tiny_llama, pairs_file, tmp_path):
+    lm = causal_language_model(str(tiny_llama))
+    val = _write_pairs(tmp_path / "val.jsonl", ["v1", "v2", "v3"], ["fresh", "maybe", "unsure"])
+    data = InstructionFilesDataModule(lm.data_config, str(pairs_file), val_file=val, max_length=64)
+    with pytest.raises(
+        ValueError, match=r"the val split has answers the train split never gives: \['maybe', 'unsure'\]"
+    ):
+        data.setup("fit")
+
+
+def test_a_long_prompt_is_cut_inside_the_user_text_keeping_the_answer_cue(tiny_llama, pairs_file, tmp_path):
+    lm = causal_language_model(str(tiny_llama))
+    long = "Review: " + "word " * 200 + "\nIs it fresh or rotten?"
+    val = _write_pairs(
+        tmp_path / "val.jsonl", [long, "Review: fine\nIs it fresh or rotten?"], ["rotten", "fresh"]
+    )
+    data = InstructionFilesDataModule(lm.data_config, str(pairs_file), val_file=val, max_length=64)
+    data.setup("fit")
+    cue = "<|im_end|>\n<|im_start|>assistant\n"
+    for sample in (data.val_set[0], data.prompt_samples([long])[0]):
+        prompt = data.tokenizer.decode(sample["prompt_ids"])
+        assert len(sample["prompt_ids"]) <= 64 and prompt.endswith(cue), prompt[-60:]
+        assert prompt.startswith(
+            data.tokenizer.decode(data.val_set[1]["prompt_ids"])[:40]
+        )  # the template's start
+    sample = data.val_set[0]
+    assert len(sample["input_ids"]) <= 64
+    assert data.tokenizer.decode(sample["input_ids"]).endswith(f"{cue}rotten<|im_end|>\n")
+    assert data.tokenizer.decode(sample["labels"][sample["labels"] != -100]) == "rotten<|im_end|>\n"
+
+
 def test_loss_is_the_mean_over_response_tokens_of_the_next_token_nll(tiny_llama, pairs_file):
     lm = causal_language_model(str(tiny_llama))
     data = InstructionFilesDataModule(lm.data_config, str(pairs_file), batch_size=4, max_length=64)

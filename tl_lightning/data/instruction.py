@@ -104,8 +104,8 @@ class InstructionDataModule(LMDataModule):
         **kwargs: See :class:`~tl_lightning.data.lm_text.LMDataModule`.
 
     Raises:
-        ValueError: In ``setup()``: an empty prompt or response, an empty split, or a split missing an
-            answer of a label set.
+        ValueError: In ``setup()``: an empty prompt or response, an empty split, or, for label
+            responses, a val/test answer the train split never gives (naming the split and the answers).
     """
 
     def __init__(
@@ -129,6 +129,13 @@ class InstructionDataModule(LMDataModule):
         for split, (prompts, responses) in pairs.items():
             _check_pairs(prompts, responses, split)
         self.class_names = answer_choices(pairs["train"][1]) or []
+        for split in ("val", "test") if self.class_names else ():
+            unseen = sorted(set(pairs[split][1]) - set(self.class_names))
+            if unseen:
+                raise ValueError(
+                    f"the {split} split has answers the train split never gives: {unseen[:10]} (train's "
+                    f"answers: {self.class_names}); generated answers could not be scored against them"
+                )
         if self.class_names and self.train_per_class is not None:
             from tl_lightning.data.base import take_per_class
 
@@ -166,15 +173,20 @@ class InstructionDataModule(LMDataModule):
             prompt_ids, response_ids = encode_pair(
                 self.tokenizer, prompt, response, self.chat_template, self.system_prompt
             )
+            if len(prompt_ids) + len(response_ids) > self.used_max_length:  # cut the user's text, not the cue
+                cut += 1
+                generate_from = self._fit_prompt(prompt, self.used_max_length)
+                prompt_ids = self._fit_prompt(prompt, self.used_max_length - len(response_ids))
+            else:
+                generate_from = prompt_ids
             ids = (prompt_ids + response_ids)[: self.used_max_length]
-            cut += len(prompt_ids) + len(response_ids) > len(ids)
             labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
             answer = self.class_names.index(response) if response in self.class_names else -1
             samples.append(
                 {
                     "input_ids": torch.tensor(ids),
                     "labels": torch.tensor(labels[: len(ids)]),
-                    "prompt_ids": torch.tensor(prompt_ids[: self.used_max_length]),
+                    "prompt_ids": torch.tensor(generate_from),
                     "answer": answer,
                 }
             )
@@ -199,8 +211,7 @@ class InstructionDataModule(LMDataModule):
         """Samples of prompts alone (no response), to generate from as training prompted (``predict.py``)."""
         samples = []
         for prompt in prompts:
-            prompt_ids, _ = encode_pair(self.tokenizer, prompt, None, self.chat_template, self.system_prompt)
-            ids = torch.tensor(prompt_ids[: self.used_max_length])
+            ids = torch.tensor(self._fit_prompt(prompt, self.used_max_length))
             samples.append(
                 {
                     "input_ids": ids,
@@ -210,6 +221,20 @@ class InstructionDataModule(LMDataModule):
                 }
             )
         return LMSamples(samples)
+
+    def _fit_prompt(self, prompt: str, budget: int) -> list[int]:
+        """The rendered prompt's ids, at most ``budget`` tokens where the template allows: the user's text is
+        cut (on the tokenizer's ``truncation_side``), the template's start and its generation prompt kept."""
+        ids, _ = encode_pair(self.tokenizer, prompt, None, self.chat_template, self.system_prompt)
+        words = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        keep = min(len(words), max(budget - (len(ids) - len(words)), 0))
+        while len(ids) > budget and keep >= 0:
+            kept = words[len(words) - keep :] if self.tokenizer.truncation_side == "left" else words[:keep]
+            ids, _ = encode_pair(
+                self.tokenizer, self.tokenizer.decode(kept), None, self.chat_template, self.system_prompt
+            )
+            keep -= 1
+        return ids
 
 
 def _check_pairs(prompts: list[str], responses: list[str], split: str) -> None:
