@@ -49,6 +49,15 @@ def test_what_cannot_run_sharded_is_refused_before_training(make_cfg, overrides,
         train(cfg)  # before anything is built or launched
 
 
+def test_a_module_that_does_not_shard_itself_is_refused(make_cfg):
+    cfg = make_cfg("trainer=fsdp_cpu", "task=causal_lm", fast=False)  # CausalLMModule: no configure_model
+    match = r"module._target_=.*CausalLMModule cannot run under trainer=fsdp.*configure_model"
+    with pytest.raises(ValueError, match=match):
+        check_config(cfg)
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
+from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import OmegaConf
@@ -256,6 +258,13 @@ def check_sharding(cfg: Any) -> None:
         )
     if not is_sharded_trainer(cfg):
         return
+    module = get_class(cfg.module._target_) if "module" in cfg else None
+    if module is not None and module.configure_model is LightningModule.configure_model:
+        raise ValueError(
+            f"module._target_={cfg.module._target_} cannot run under trainer=fsdp|fsdp_cpu: it does not "
+            "shard itself in configure_model (FSDP2 needs the module to call fully_shard), so every rank "
+            "would hold the whole model; use trainer=cpu|gpu|ddp_cpu|ddp"
+        )
     name = cfg.get("strategy_name")
     if name in UNSHARDABLE:
         raise ValueError(f"strategy={name} cannot run under trainer=fsdp|fsdp_cpu: {UNSHARDABLE[name]}")
