@@ -80,6 +80,14 @@ def test_shard_units_are_the_modules_holding_exactly_one_layer_group():
     assert unit_paths(root, groups) == ["1"]
 
 
+def test_a_group_tied_to_a_module_outside_it_stays_with_the_root():
+    """An embedding tied to the LM head as a unit of its own stopped FSDP2 at the first forward."""
+    root = nn.ModuleDict({"emb": nn.Embedding(10, 4), "block": nn.Linear(4, 4), "lm_head": nn.Linear(4, 10)})
+    root["lm_head"].weight = root["emb"].weight  # named_parameters lists the tied weight once, as emb's
+    groups = {"emb": ["emb.weight"], "block": ["block.weight", "block.bias"]}
+    assert unit_paths(root, groups) == ["block"]
+
+
 def test_trainer_precision_becomes_fsdp2_mixed_precision():
     import torch
 

@@ -3,7 +3,8 @@
 Lightning's ``ModelParallelStrategy`` hands the module a device mesh and calls ``configure_model``;
 :func:`shard_layer_groups` is what our modules do there. Each layer group (a transformer layer, a
 convolutional stage) becomes one FSDP unit when one sub-module holds exactly its parameters; groups
-without such a module (a stem spread over several top-level layers) stay with the root unit.
+without such a module (a stem spread over several top-level layers), and those with a parameter tied to
+a module outside them (an embedding shared with the LM head), stay with the root unit.
 
 Such runs write Lightning's distributed checkpoints (a directory of shards); :func:`consolidate` and
 :func:`readable_checkpoint` turn one into an ordinary checkpoint file, without a process group.
@@ -42,9 +43,19 @@ def unit_paths(root: nn.Module, groups: Mapping[str, Sequence[str]]) -> list[str
         if not prefix or prefix not in modules:
             continue
         held = {id(p) for p in modules[prefix].parameters()}
-        if held == {id(params[name]) for name in names}:
+        if held == {id(params[name]) for name in names} and not _shared_outside(root, prefix, held):
             paths.append(prefix)
     return paths
+
+
+def _shared_outside(root: nn.Module, prefix: str, held: set[int]) -> bool:
+    """Whether a module outside ``prefix`` also holds one of the parameters ``held`` (tied weights, e.g. an
+    LM head tied to the embedding): such a group stays with the root unit, as FSDP2 cannot shard one
+    parameter in two units."""
+    return any(
+        id(param) in held and not name.startswith(f"{prefix}.")
+        for name, param in root.named_parameters(remove_duplicate=False)
+    )
 
 
 def _common_prefix(paths: list[str]) -> str:
