@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 from test_causal_lm import _cfg, _lm_overrides, pairs_file  # noqa: F401 (a fixture)
 
+from tl_lightning.modules.causal_lm import CausalLMModule, causal_language_model
 from tl_lightning.modules.rebuild import load_run_checkpoint
+from tl_lightning.run.formats import export_causal_lm
 from tl_lightning.run.inference import export_checkpoint, predict_to_file
 from tl_lightning.run.pipeline import train
 
@@ -49,6 +52,35 @@ def _transformers_greedy(folder: Path, prompt: str, new_tokens: int) -> tuple[li
     )
     out = model.generate(**chat, max_new_tokens=new_tokens, do_sample=False)[0, chat["input_ids"].shape[1] :]
     return out.tolist(), tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_exported_tokenizer_pads_left_so_batched_generation_equals_one_at_a_time(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module = CausalLMModule(
+        causal_language_model(str(tiny_llama)), partial(torch.optim.AdamW, lr=1e-3)
+    ).eval()
+    folder = export_causal_lm(module, {}, tmp_path / "lm")
+    assert module.tokenizer.padding_side == "right"  # the run's own tokenizer is left as it was
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert tokenizer.padding_side == "left"
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in PROMPTS
+    ]
+    with torch.no_grad():
+        single = [
+            model.generate(**tokenizer(t, return_tensors="pt", add_special_tokens=False), max_new_tokens=6)[
+                0, -6:
+            ]
+            for t in texts
+        ]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batched = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, -6:]
+    assert batched.tolist() == [s.tolist() for s in single]
 
 
 @pytest.mark.slow

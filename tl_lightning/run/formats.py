@@ -140,7 +140,8 @@ def export_causal_lm(module: nn.Module, metadata: dict, output: str | Path) -> P
 
     The language model (adapters already merged: ``load_trained`` does it) is saved with
     ``save_pretrained`` (safetensors, tied embeddings kept tied) next to its tokenizer (chat template,
-    the padding token training used) and a ``generation_config`` with that padding token. The folder
+    the padding token training used, padding on the left so that batched generation equals one prompt
+    at a time) and a ``generation_config`` with that padding token. The folder
     is then loaded with ``AutoModelForCausalLM``/``AutoTokenizer`` and must generate, greedily, exactly
     the module's tokens after each of :data:`CHECK_PROMPTS` (rendered with the chat template when the
     tokenizer has one).
@@ -174,8 +175,10 @@ def export_causal_lm(module: nn.Module, metadata: dict, output: str | Path) -> P
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    # saved again padding on the left: batched generation continues each prompt right after its last token
+    theirs_tokenizer = AutoTokenizer.from_pretrained(output, padding_side="left")
+    theirs_tokenizer.save_pretrained(output)
     loaded = AutoModelForCausalLM.from_pretrained(output).eval()
-    theirs_tokenizer = AutoTokenizer.from_pretrained(output)
     for prompt in CHECK_PROMPTS:
         ids = _rendered(theirs_tokenizer, prompt)
         mask = torch.ones_like(ids)
