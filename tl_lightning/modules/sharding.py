@@ -12,7 +12,9 @@ Such runs write Lightning's distributed checkpoints (a directory of shards); :fu
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -152,14 +154,30 @@ def consolidate(path: str | Path, destination: str | Path) -> Path:
 def readable_checkpoint(path: str | Path) -> Path:
     """``path`` itself for a checkpoint file; for a distributed checkpoint directory, its consolidation.
 
-    The consolidated file is cached as ``<path>/consolidated.ckpt`` and rebuilt when the shards are newer.
+    The consolidated file is cached as ``<path>/consolidated.ckpt`` and rebuilt when the shards are newer;
+    where the directory cannot be written (a read-only copy), in ``$XDG_CACHE_HOME/tl_lightning``
+    (``~/.cache/tl_lightning``) under a name derived from the directory's absolute path.
+
+    Raises:
+        OSError: If neither place can be written, naming both.
     """
     path = Path(path)
     if not is_sharded_checkpoint(path):
         return path
-    cached = path / CONSOLIDATED_NAME
     shards = [path / METADATA_FILENAME, path / ".metadata", *path.glob("*.distcp")]
     newest = max(p.stat().st_mtime for p in shards)
-    if not cached.is_file() or cached.stat().st_mtime < newest:
-        consolidate(path, cached)
-    return cached
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tl_lightning"
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    places = [path / CONSOLIDATED_NAME, cache / f"consolidated-{key}.ckpt"]
+    errors = []
+    for cached in places:
+        if cached.is_file() and cached.stat().st_mtime >= newest:
+            return cached
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cached.parent):  # writable? (torch.save would raise RuntimeError)
+                pass
+            return consolidate(path, cached)
+        except OSError as error:
+            errors.append(f"{cached}: {error}")
+    raise OSError(f"cannot write the consolidation of {str(path)!r} to either place: " + "; ".join(errors))

@@ -257,6 +257,13 @@ def check_sharding(cfg: Any) -> None:
             "FSDP2: trainer=fsdp (GPUs) or trainer=fsdp_cpu (2 CPU processes)"
         )
     if not is_sharded_trainer(cfg):
+        if cfg.get("ckpt_path") and is_sharded_checkpoint(cfg.ckpt_path):
+            raise ValueError(
+                f"ckpt_path={cfg.ckpt_path!r} is a sharded checkpoint (a trainer=fsdp|fsdp_cpu run's "
+                f"directory), which trainer.strategy={_strategy_target(cfg) or 'auto'!r} cannot resume: resume "
+                "it with trainer=fsdp|fsdp_cpu; its weights alone load anywhere (predict.py, "
+                "backbone=source_checkpoint, tl_lightning.modules.sharding.consolidate)"
+            )
         return
     module = get_class(cfg.module._target_) if "module" in cfg else None
     if module is not None and module.configure_model is LightningModule.configure_model:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tl_lightning.backbones import Backbone
 from tl_lightning.modules.heads import LinearHead
+from tl_lightning.modules.sharding import is_sharded_checkpoint
 from tl_lightning.run.checkpointing import load_checkpoint
 
 
@@ -17,7 +18,8 @@ def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
     sequential-task experiment starts its target task from the source-task model.
 
     Args:
-        path: A Lightning checkpoint written by ``train.py`` (e.g. ``checkpoints/last.ckpt``).
+        path: A Lightning checkpoint written by ``train.py`` (e.g. ``checkpoints/last.ckpt``; a
+            ``trainer=fsdp|fsdp_cpu`` run's directory is consolidated first).
         backbone: A backbone of the checkpoint's architecture (its weights are replaced).
 
     Raises:
@@ -28,7 +30,7 @@ def from_checkpoint(path: str, backbone: Backbone) -> Backbone:
 
         backbone = from_checkpoint("outputs/source/checkpoints/last.ckpt", efficientnet_lite0())
     """
-    if not Path(path).is_file():
+    if not (Path(path).is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"backbone.path={path!r} does not exist; train the source task first")
     state = load_checkpoint(path)["state_dict"]  # names the file when it is truncated or not a checkpoint
     weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
