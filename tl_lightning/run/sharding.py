@@ -146,7 +146,7 @@ class ShardedDataParallel(ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, weights_only)
+            return self._load_file(path, weights_only)
         # copies (of this rank's shards): DCP loads in place, and load_state_dict's pre-hooks must see the
         # weights from before the load (LayerDriftMonitor checks a resumed run's starting point with them)
         copies = {k: v.detach().clone() for k, v in get_model_state_dict(self.model).items()}
@@ -161,6 +161,28 @@ class ShardedDataParallel(ModelParallelStrategy):
                 load(target, checkpoint_id=path)
                 set_optimizer_state_dict(self.model, optimizer, optim_state_dict=target[key])
         return torch.load(path / METADATA_FILENAME, weights_only=weights_only)
+
+    def _load_file(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        """A single-file checkpoint (``trainer=cpu|gpu|ddp``, or consolidated) through the whole module's
+        ``load_state_dict``, so that its pre-hooks run (Lightning's own loader goes module by module and
+        skips the root, which holds no parameters: ``LayerDriftMonitor`` then saw no load and stopped)."""
+        from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        strict = self.lightning_module.strict_loading
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
+        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+                state = _rekey_optimizer_state_if_needed(state, self.model)
+                set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
+        return checkpoint
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
