@@ -28,7 +28,9 @@ def results(tmp_path_factory) -> dict[str, dict]:
         [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = {name: torch.load(out / f"{name}.pt", weights_only=True) for name in CASES if name not in DDP_REFERENCE}
+    results = {
+        name: torch.load(out / f"{name}.pt", weights_only=True) for name in CASES if name not in DDP_REFERENCE
+    }
     for name in DDP_REFERENCE:
         results[name] = [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
     return results

@@ -282,8 +282,8 @@ def check_sharding(cfg: Any) -> None:
         if cfg.get("ckpt_path") and is_sharded_checkpoint(cfg.ckpt_path):
             raise ValueError(
                 f"ckpt_path={cfg.ckpt_path!r} is a sharded checkpoint (a trainer=fsdp|fsdp_cpu run's "
-                f"directory), which trainer.strategy={_strategy_target(cfg) or 'auto'!r} cannot resume: resume "
-                "it with trainer=fsdp|fsdp_cpu; its weights alone load anywhere (predict.py, "
+                f"directory), which trainer.strategy={_strategy_target(cfg) or 'auto'!r} cannot resume: "
+                "resume it with trainer=fsdp|fsdp_cpu; its weights alone load anywhere (predict.py, "
                 "backbone=source_checkpoint, tl_lightning.modules.sharding.consolidate)"
             )
         return
