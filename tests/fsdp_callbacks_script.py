@@ -45,6 +45,7 @@ N, GLOBAL_BATCH, EPOCHS = 32, 8, 3  # 4 optimizer steps per epoch
 # cases whose reference is DDP on the same two ranks rather than one process: BatchNorm normalises each
 # rank's half batch and keeps rank 0's running statistics (DDP's broadcast_buffers)
 DDP_REFERENCE = ("foreign-batchnorm",)
+FROM_FILE = "foreign-drift_from_file"
 
 
 def _blocks(seed: int = 0, norm: type[nn.Module] = nn.LayerNorm) -> nn.Sequential:
@@ -153,6 +154,8 @@ for kind, factory, first, head in (
         factory,
         lambda: [RankZeroBar(), LayerDriftMonitor(), SourceRetention(probe())],
     )
+# resumed under sharding from a single-file checkpoint of one process (LayerDriftMonitor stopped on it)
+CASES[FROM_FILE] = (Blocks, lambda: [LayerDriftMonitor()])
 CASES["foreign-batchnorm"] = (lambda: Blocks(norm=nn.BatchNorm1d), lambda: [])
 CASES["transfer-lora"] = (partial(transfer_module, _lora), lambda: [])
 CASES["transfer-ia3"] = (partial(transfer_module, _ia3), lambda: [])
@@ -190,7 +193,9 @@ class Capture(pl.Callback):
         self.buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
 
 
-def run_case(name: str, rank: int | None, root: Path, ddp: bool = False) -> dict[str, Any]:
+def run_case(
+    name: str, rank: int | None, root: Path, ddp: bool = False, ckpt_path: Path | None = None
+) -> dict[str, Any]:
     """Train ``name`` sharded on this rank (``rank`` given; under DDP with ``ddp``) or alone (``None``);
     weights, buffers and metrics."""
     make_model, make_callbacks = CASES[name]
@@ -213,13 +218,32 @@ def run_case(name: str, rank: int | None, root: Path, ddp: bool = False) -> dict
         log_every_n_steps=1,
         limit_val_batches=1,
     )
-    trainer.fit(make_model(), loader(rank), val_dataloaders=probe_val())
+    trainer.fit(make_model(), loader(rank), val_dataloaders=probe_val(), ckpt_path=ckpt_path)
     return {
         "initial": capture.initial,
         "weights": capture.weights,
         "buffers": capture.buffers,
         "metrics": capture.metrics,
     }
+
+
+def file_checkpoint(path: Path) -> None:
+    """One epoch of :class:`Blocks` in one process, saved as one file (a ``trainer=cpu`` checkpoint)."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=[LayerDriftMonitor()],
+        default_root_dir=path.parent,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(Blocks(), loader(None))
+    trainer.save_checkpoint(path)
 
 
 def probe_val() -> DataLoader:
@@ -233,7 +257,10 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
     )
     rank_zero_only.rank = rank
     for name in names:
-        result = run_case(name, rank, Path(out_dir) / "sharded")
+        ckpt_path = Path(out_dir) / f"epoch0.rank{rank}.ckpt" if name == FROM_FILE else None
+        if ckpt_path is not None:  # each rank its own (the same) file: no process group before the fit
+            file_checkpoint(ckpt_path)
+        result = run_case(name, rank, Path(out_dir) / "sharded", ckpt_path=ckpt_path)
         if rank == 0:
             torch.save(result, Path(out_dir) / f"{name}.sharded.pt")
         if name in DDP_REFERENCE:  # every rank's buffers, beside DDP's (rank 0's broadcast each forward)
@@ -246,7 +273,8 @@ def main() -> None:
     names = sys.argv[2:] or list(CASES)
     run_two_workers(partial(_worker, names=names), str(out))
     for name in (name for name in names if name not in DDP_REFERENCE):
-        result = run_case(name, None, out / "single")
+        ckpt_path = out / "epoch0.rank0.ckpt" if name == FROM_FILE else None
+        result = run_case(name, None, out / "single", ckpt_path=ckpt_path)
         torch.save({"single": result, "sharded": torch.load(out / f"{name}.sharded.pt")}, out / f"{name}.pt")
 
 
