@@ -9,7 +9,10 @@
   previous checkpoint.
 * :func:`~tl_lightning.modules.sharding.consolidate` turns such a directory into one ordinary checkpoint
   file, which ``predict.py``, ``export.py`` and ``load_from_checkpoint`` read (they call
-  :func:`~tl_lightning.modules.sharding.readable_checkpoint`, which caches it inside the directory).
+  :func:`~tl_lightning.modules.sharding.readable_checkpoint`, which caches it inside the directory, or
+  in the user cache where the directory is read-only).
+* Module buffers (BatchNorm running statistics) follow DDP: rank 0's are broadcast before each step that
+  follows a step with gradients, and checkpoints hold rank 0's.
 """
 
 from __future__ import annotations
