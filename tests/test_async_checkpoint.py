@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from tl_lightning.run.checkpointing import TMP_SUFFIX, AsyncAtomicCheckpointIO, WaitForCheckpointWrites
+from tl_lightning.run.pipeline import train
 
 
 class _HeavyImproving(BoringModel):
@@ -170,3 +172,22 @@ def test_the_snapshot_keeps_state_dict_metadata(tmp_path):
     io.teardown()
     written = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
     assert written._metadata == model.state_dict()._metadata
+
+
+def test_a_consolidated_sharded_checkpoint_is_written_before_it_is_renamed(make_cfg):
+    """``trainer=fsdp_cpu`` with ``save_distributed_checkpoint=false`` hands one consolidated file to the
+    background writer; the rename of its partial file waits for the write (before, it ran first and the
+    save stopped on ``FileNotFoundError``)."""
+    cfg = make_cfg(
+        "backbone=small_cnn",
+        "strategy=linear_probe",
+        "trainer=fsdp_cpu",
+        "trainer.devices=1",
+        "+trainer.strategy.save_distributed_checkpoint=false",
+        "trainer.max_epochs=1",
+        "allow_short_schedule=true",
+    )
+    train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch00.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0
