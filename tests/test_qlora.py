@@ -33,6 +33,70 @@ def test_qlora_quantises_the_decoder_to_4_bits_and_trains_lora_only(tiny_llama):
     assert 0 < gap < 0.5
 
 
+@pytest.fixture(scope="module")
+def tiny_llama64(tiny_llama, tmp_path_factory) -> Path:
+    """A decoder of hidden size 64: bitsandbytes' CPU inference kernel needs rows of at least one 64-value
+    quantisation block (the 32-wide tiny_llama only trains)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama64")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_merging_qlora_dequantises_the_base_and_keeps_what_the_trained_model_computes(tiny_llama64, tmp_path):
+    """predict.py/export.py merge the adapters: in float, never re-quantised into the 4-bit base (PEFT's
+    merge does that, an error as large as the adapters' effect)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from functools import partial
+
+    from torch import nn
+
+    from tl_lightning.adapters.peft import merge_adapter
+    from tl_lightning.modules.causal_lm import CausalLMModule, causal_language_model
+    from tl_lightning.run.formats import export_causal_lm
+
+    for build in (hf_decoder, causal_language_model):
+        backbone = qlora(build(str(tiny_llama64)), r=8)
+        torch.manual_seed(1)
+        with torch.no_grad():  # trained adapters: B no longer zero, an effect well above float rounding
+            for name, parameter in backbone.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5)
+        module = (
+            CausalLMModule(backbone, partial(torch.optim.AdamW)) if build is causal_language_model else None
+        )
+        holder = module or nn.Module()
+        holder.backbone = backbone
+        tokens = dict(
+            backbone.data_config.load_tokenizer()(["a fine film", "dull"], padding=True, return_tensors="pt")
+        )
+        with torch.no_grad():
+            trained = backbone(tokens)  # train mode: bitsandbytes' exact dequantise-and-multiply path
+            with backbone.model.disable_adapter():
+                effect = (trained - backbone(tokens)).abs().max()
+            backbone.eval()
+            repacked = build is causal_language_model
+            if (
+                repacked
+            ):  # an inference forward repacks the 4-bit weights on CPU (bf16 scales): undone on merge
+                backbone(tokens)
+            assert merge_adapter(holder)
+            merged = backbone(tokens)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in backbone.modules())
+        # float rounding of the dequantised base; bitsandbytes' CPU repacking rounds its scales to bf16
+        tolerance = 0.02 * effect if repacked else 1e-4
+        assert effect > 0.05 and (merged - trained).abs().max() < tolerance, (build.__name__, effect)
+    export_causal_lm(module.eval(), {}, tmp_path / "lm")  # a plain float model transformers generates from
+
+
 @pytest.mark.parametrize("adapter", [prefix_tuning, prompt_tuning, qlora])
 def test_decoder_only_adapters_refuse_encoders_and_images(tiny_bert, adapter):
     with pytest.raises(ValueError, match=r"BERT encoders in transformers 5.x lack.*strategy=lora\|ia3"):

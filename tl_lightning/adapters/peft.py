@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import sys
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -449,6 +450,10 @@ def merge_adapter(module: nn.Module, backbone: str = "backbone") -> bool:
     inference cost), its layer groups the original names, and ``module.state_dict()`` holds every
     weight again.
 
+    A 4-bit base (``strategy=qlora``) is dequantised into float weights and the LoRA update added in
+    float, never re-quantised: the merged model is a float model that computes what the trained
+    4-bit model did, up to float rounding.
+
     Prompt-learning adapters (prefix and prompt tuning) have no weights to fold in: they stay, and
     the module keeps running through PEFT.
 
@@ -463,9 +468,56 @@ def merge_adapter(module: nn.Module, backbone: str = "backbone") -> bool:
     if hasattr(module, _HOOKS):
         object.__delattr__(module, _HOOKS)
     plain = {_plain_name(name): group for name, group in adapted._group_of.items()}
-    adapted.model = adapted.model.merge_and_unload()
+    quantized = any(_is_4bit(layer) for layer in adapted.model.modules())
+    adapted.model = _merge_in_float(adapted.model) if quantized else adapted.model.merge_and_unload()
     adapted._group_of = {name: plain[name] for name, _ in adapted.model.named_parameters()}
     return True
+
+
+def _is_4bit(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a bitsandbytes 4-bit linear layer (``strategy=qlora``'s base)."""
+    linear4bit = getattr(sys.modules.get("bitsandbytes"), "nn", None)
+    return linear4bit is not None and isinstance(layer, linear4bit.Linear4bit)
+
+
+def _merge_in_float(model: PeftModel) -> nn.Module:
+    """A 4-bit base with LoRA as one float model: the base dequantised, the LoRA update added in float.
+
+    PEFT's own merge re-quantises ``base + update`` to 4 bits, an error larger than the update itself;
+    here every 4-bit layer becomes a float ``nn.Linear`` holding exactly the weights the 4-bit forward
+    used, and the adapters' update is added to it, so the merged model computes what the trained one
+    did up to float rounding.
+    """
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {
+        name: sum(layer.get_delta_weight(adapter) for adapter in layer.active_adapters)
+        for name, layer in model.base_model.model.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
+    base = model.unload()
+    for name, layer in [(n, m) for n, m in base.named_modules() if _is_4bit(m)]:
+        data, state = layer.weight.data, layer.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU inference forward: undo
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+        dtype = layer.compute_dtype or torch.float32  # what the 4-bit forward multiplies in
+        weight = bnb.functional.dequantize_4bit(data, state).to(dtype)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+        base.set_submodule(name, linear)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = base.get_submodule(name).weight
+            weight += delta.to(weight.dtype)
+    for attribute in ("hf_quantizer", "is_loaded_in_4bit", "is_quantized", "quantization_method"):
+        if attribute in vars(base):
+            delattr(base, attribute)
+    if hasattr(base, "config") and hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config  # saved as a plain float model
+    return base
 
 
 def check_adapter_callbacks(callbacks: Sequence[pl.Callback], strategy: str) -> None:
