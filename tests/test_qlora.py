@@ -118,6 +118,19 @@ def test_prompt_learning_trains_only_virtual_tokens_and_pads_right(tiny_llama, a
     assert grad is not None and grad.abs().sum() > 0  # the virtual tokens reach the features
 
 
+def test_export_of_a_prompt_tuned_language_model_points_to_predict(tiny_llama, tmp_path):
+    from functools import partial
+
+    from tl_lightning.modules.causal_lm import CausalLMModule, causal_language_model
+    from tl_lightning.run.formats import export_causal_lm
+
+    backbone = prompt_tuning(causal_language_model(str(tiny_llama)), num_virtual_tokens=4)
+    module = CausalLMModule(backbone, partial(torch.optim.AdamW)).eval()
+    with pytest.raises(ValueError, match=r"format=hf: strategy=prefix_tuning\|prompt_tuning .*predict.py"):
+        export_causal_lm(module, {}, tmp_path / "lm")
+    assert not (tmp_path / "lm").exists()
+
+
 @pytest.mark.slow
 def test_qlora_trains_through_the_pipeline_and_checkpoints_adapters_only(tiny_llama, tmp_path):
     """strategy=qlora end to end: fit, adapter-only checkpoint, test from it (the 4-bit base rebuilt).

@@ -165,10 +165,7 @@ def export_causal_lm(module: nn.Module, metadata: dict, output: str | Path) -> P
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tl_lightning.adapters.peft import is_adapted
-
-    if is_adapted(module.backbone):
-        raise ValueError("format=hf: merge the adapters first (tl_lightning.run.inference.load_trained does)")
+    _check_unadapted(module.backbone, "hf")
     output = _folder(output)
     tokenizer = module.tokenizer
     model = module.backbone.model
@@ -391,14 +388,27 @@ def _parts(module: nn.Module, format: str) -> tuple[nn.Module, nn.Module]:
             f"format={format} takes a tl_lightning.modules.TransferModule with a target head "
             f"(heads.target); got {type(module).__name__} with heads {list(heads or {})}"
         )
+    _check_unadapted(backbone, format)
+    return backbone, heads["target"]
+
+
+def _check_unadapted(backbone: nn.Module, format: str) -> None:
+    """Stop on a backbone that still holds PEFT adapters, saying what writes or uses the run instead."""
     from tl_lightning.adapters.peft import is_adapted
 
-    if is_adapted(backbone):
+    if not is_adapted(backbone):
+        return
+    if backbone.model.active_peft_config.is_prompt_learning:
         raise ValueError(
-            f"format={format}: the backbone still holds PEFT adapters (strategy=lora|ia3); merge them first "
-            "(tl_lightning.adapters.peft.merge_adapter, as tl_lightning.run.inference.load_trained does)"
+            f"format={format}: strategy=prefix_tuning|prompt_tuning learns virtual tokens that no weight of "
+            "the model can hold, so the run cannot be written as a plain model; use its checkpoint with "
+            "predict.py (ckpt_path=<run>/checkpoints/<file>.ckpt), or train with strategy=lora|ia3, whose "
+            "adapters export.py merges"
         )
-    return backbone, heads["target"]
+    raise ValueError(
+        f"format={format}: the backbone still holds PEFT adapters (strategy=lora|ia3); merge them first "
+        "(tl_lightning.adapters.peft.merge_adapter, as tl_lightning.run.inference.load_trained does)"
+    )
 
 
 def _head_layers(head: nn.Module, format: str) -> list[tuple[nn.Linear, nn.Module | None]]:
