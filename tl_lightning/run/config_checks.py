@@ -263,14 +263,15 @@ def _check_task(cfg: DictConfig) -> None:
         )
     if data_task != task:
         raise ValueError(
-            f"data._target_={cfg.data._target_} is {data_task} data but module._target_={cfg.module._target_} "
-            f"trains {task}: use task={data_task} (or data=rotten_tomatoes_instruct|instructions|lm_text|"
+            f"data._target_={cfg.data._target_} is {data_task} data but "
+            f"module._target_={cfg.module._target_} trains {task}: use task={data_task} "
+            "(or data=rotten_tomatoes_instruct|instructions|lm_text|"
             f"rotten_tomatoes_text for task=causal_lm)"
         )
     if task == "causal_lm" and not language_model:
         raise ValueError(
-            f"task=causal_lm fine-tunes a language model with its LM head: backbone._target_={cfg.backbone._target_} "
-            "is not one; use backbone=causal_lm"
+            "task=causal_lm fine-tunes a language model with its LM head: "
+            f"backbone._target_={cfg.backbone._target_} is not one; use backbone=causal_lm"
         )
     if task != "causal_lm" and language_model:
         raise ValueError(
@@ -279,8 +280,8 @@ def _check_task(cfg: DictConfig) -> None:
         )
     if task == "causal_lm" and get_object(cfg.head._target_) is not language_model_head:
         raise ValueError(
-            f"task=causal_lm trains the language model's own LM head: head._target_={cfg.head._target_} would add "
-            "a new one; use head=language_model"
+            "task=causal_lm trains the language model's own LM head: "
+            f"head._target_={cfg.head._target_} would add a new one; use head=language_model"
         )
 
 

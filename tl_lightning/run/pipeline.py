@@ -133,8 +133,11 @@ def _fit_and_test(cfg: DictConfig, started: float) -> float | None:
         metrics = {
             "strategy": cfg.strategy_name,
             "feature_cache": cached,
-            "train_examples_per_class": (  # None: raw text, or free-text responses (task=causal_lm)
-                round(len(datamodule.train_set) / datamodule.num_classes, 1) if datamodule.num_classes else None
+            # None: raw text, or free-text responses (task=causal_lm)
+            "train_examples_per_class": (
+                round(len(datamodule.train_set) / datamodule.num_classes, 1)
+                if datamodule.num_classes
+                else None
             ),
             "monitor": cfg.monitor,
             "best": {cfg.monitor: best},
