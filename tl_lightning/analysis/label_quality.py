@@ -125,7 +125,9 @@ def find_label_issues(
     except ImportError as error:
         raise ImportError(INSTALL_HINT) from error
     given = np.asarray(labels, dtype=np.int64)
-    flagged = cleanlab_find(given, probabilities, filter_by="prune_by_noise_rate")
+    # n_jobs=1: cleanlab's default forks a process pool, and a fork of a process holding torch's thread
+    # pools can deadlock (it hung a test run); one process is also fast enough at these sizes
+    flagged = cleanlab_find(given, probabilities, filter_by="prune_by_noise_rate", n_jobs=1)
     quality = get_label_quality_scores(given, probabilities, method="self_confidence")
     joint = estimate_joint(given, probabilities) * len(given)
     return LabelIssues(
