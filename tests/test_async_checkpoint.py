@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 from pathlib import Path
 
@@ -187,7 +188,16 @@ def test_a_consolidated_sharded_checkpoint_is_written_before_it_is_renamed(make_
         "trainer.max_epochs=1",
         "allow_short_schedule=true",
     )
-    train(cfg)
+    environment = dict(os.environ)
+    try:
+        train(cfg)
+    finally:
+        # one in-process rank: its process group (and the TCP store listening on MASTER_PORT) and the
+        # variables Lightning set would otherwise make every later DDP test fail with EADDRINUSE
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch00.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0
