@@ -22,11 +22,10 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from tl_lightning.backbones import TextConfig
-from tl_lightning.data.lm_text import LMDataModule, LMSamples
+from tl_lightning.data.lm_text import IGNORE_INDEX, LMDataModule, LMSamples, prompt_sample
 from tl_lightning.data.text import read_table, rotten_tomatoes_path
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 MAX_CHOICES = 20  # responses with at most this many distinct values are labels (generation is scored)
 Pairs = tuple[list[str], list[str]]  # prompts, responses
 
@@ -211,15 +210,7 @@ class InstructionDataModule(LMDataModule):
         """Samples of prompts alone (no response), to generate from as training prompted (``predict.py``)."""
         samples = []
         for prompt in prompts:
-            ids = torch.tensor(self._fit_prompt(prompt, self.used_max_length))
-            samples.append(
-                {
-                    "input_ids": ids,
-                    "labels": torch.full_like(ids, IGNORE_INDEX),
-                    "prompt_ids": ids,
-                    "answer": -1,
-                }
-            )
+            samples.append(prompt_sample(torch.tensor(self._fit_prompt(prompt, self.used_max_length))))
         return LMSamples(samples)
 
     def _fit_prompt(self, prompt: str, budget: int) -> list[int]:

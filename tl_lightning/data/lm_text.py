@@ -44,6 +44,11 @@ SPLITS = ("train", "val", "test")
 STDLIB_MODULES = ("textwrap", "string", "shlex", "fnmatch", "bisect", "heapq", "colorsys", "calendar")
 
 
+def prompt_sample(ids: torch.Tensor) -> dict:
+    """A sample of a prompt alone, to generate from: no token is a target and there is no known answer."""
+    return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "prompt_ids": ids, "answer": -1}
+
+
 class LMSamples(Dataset):
     """Token samples for a causal LM: ``dataset[i]`` is a dict with ``input_ids`` and ``labels`` (1-D)
     and, for instruction pairs, ``prompt_ids`` and ``answer`` (an int)."""
@@ -188,17 +193,8 @@ class LMDataModule(TextDataModule):
         """Samples of texts to continue (raw-text runs: the text itself), for generation (``predict.py``)."""
         samples = []
         for prompt in prompts:
-            ids = torch.tensor(
-                self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-self.used_max_length :]
-            )
-            samples.append(
-                {
-                    "input_ids": ids,
-                    "labels": torch.full_like(ids, IGNORE_INDEX),
-                    "prompt_ids": ids,
-                    "answer": -1,
-                }
-            )
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-self.used_max_length :]
+            samples.append(prompt_sample(torch.tensor(ids)))
         return LMSamples(samples)
 
     def collate_fn(self, samples):
