@@ -239,10 +239,7 @@ class DecoderBackbone(Backbone):
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``{"input_ids", "attention_mask"}`` of shape ``(B, L)`` -> ``(B, hidden_size)``."""
         mask = tokens["attention_mask"]
-        inputs = {"input_ids": tokens["input_ids"], "attention_mask": mask, "use_cache": False}
-        if not _prompt_learning(self.model):  # PEFT prompt learning ignores position ids (it warns)
-            inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp_min(0)
-        hidden = self.model(**inputs).last_hidden_state
+        hidden = self.model(**decoder_inputs(self.model, tokens)).last_hidden_state
         if hidden.shape[1] > mask.shape[1]:  # prompt tuning prepends its virtual tokens to the sequence
             mask = torch.cat([mask.new_ones(mask.shape[0], hidden.shape[1] - mask.shape[1]), mask], 1)
         if self.pooling == "mean":
@@ -250,6 +247,30 @@ class DecoderBackbone(Backbone):
             return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
         return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+
+
+def decoder_inputs(model: nn.Module, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """The keyword arguments of a decoder's forward over whole token batches, padded on either side.
+
+    Position ids count the real tokens (``cumsum`` of the attention mask), so a text gets the positions
+    it has alone whatever padding precedes it: models with absolute position embeddings (GPT-2) see
+    left-padded prompts as they see right-padded training sequences. PEFT prompt learning takes no
+    position ids (it warns and drops them; its text is padded on the right). The one place both
+    :class:`DecoderBackbone` and the causal language model backbone build their inputs.
+
+    Args:
+        model: The decoder (a ``transformers`` model, possibly PEFT-wrapped).
+        tokens: ``{"input_ids", "attention_mask"}`` of shape ``(B, L)``.
+
+    Example::
+
+        logits = model(**decoder_inputs(model, tokens)).logits
+    """
+    mask = tokens["attention_mask"]
+    inputs = {"input_ids": tokens["input_ids"], "attention_mask": mask, "use_cache": False}
+    if not _prompt_learning(model):
+        inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp_min(0)
+    return inputs
 
 
 def _prompt_learning(model: nn.Module) -> bool:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tl_lightning.backbones import Backbone, TextConfig
+from tl_lightning.backbones.hf_decoder import decoder_inputs
 from tl_lightning.modules.optim import named_param_groups
 
 IGNORE_INDEX = -100  # labels that take no loss (the prompt, the padding); torch's cross-entropy default
@@ -58,8 +59,12 @@ class LanguageModel(Backbone):
         self.not_pretrained: list[str] = []
 
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``{"input_ids", "attention_mask"}`` of shape ``(B, L)`` -> logits ``(B, L, vocab)``."""
-        return self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).logits
+        """``{"input_ids", "attention_mask"}`` of shape ``(B, L)`` -> logits ``(B, L, vocab)``.
+
+        Padded on either side: position ids count the real tokens (:func:`decoder_inputs`), so the
+        left-padded prompts of ``source_logits`` (EWC's Fisher) get the positions training gives them.
+        """
+        return self.model(**decoder_inputs(self.model, tokens)).logits
 
 
 def _decoder_group_of(model: nn.Module) -> dict[str, str]:
