@@ -398,12 +398,14 @@ def _check_unadapted(backbone: nn.Module, format: str) -> None:
 
     if not is_adapted(backbone):
         return
-    if backbone.model.active_peft_config.is_prompt_learning:
+    config = backbone.model.active_peft_config
+    if config.is_prompt_learning:
         raise ValueError(
-            f"format={format}: strategy=prefix_tuning|prompt_tuning learns virtual tokens that no weight of "
-            "the model can hold, so the run cannot be written as a plain model; use its checkpoint with "
-            "predict.py (ckpt_path=<run>/checkpoints/<file>.ckpt), or train with strategy=lora|ia3, whose "
-            "adapters export.py merges"
+            f"format={format}: strategy={config.peft_type.value.lower()} learns virtual tokens that no "
+            "weight of the model can hold, so the run cannot be written as a plain model; use its checkpoint "
+            "with predict.py (ckpt_path=<run>/checkpoints/<file>.ckpt), export it with format=safetensors "
+            "(the virtual tokens and the run's description; predict.py reads it), or train with "
+            "strategy=lora|ia3, whose adapters export.py merges"
         )
     raise ValueError(
         f"format={format}: the backbone still holds PEFT adapters (strategy=lora|ia3); merge them first "

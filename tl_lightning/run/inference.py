@@ -124,7 +124,8 @@ def load_trained(path: str | Path) -> TrainedModel:
 
     Args:
         path: ``checkpoints/*.ckpt`` of a run, or ``model.safetensors`` written by ``export.py``.
-            The adapters of a ``strategy=lora|ia3`` checkpoint are merged into plain weights.
+            The adapters of a ``strategy=lora|ia3`` checkpoint are merged into plain weights; a
+            ``strategy=prefix_tuning|prompt_tuning`` model keeps its learned virtual tokens (PEFT).
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -153,11 +154,13 @@ def load_trained(path: str | Path) -> TrainedModel:
             f"{str(path)!r}: cannot rebuild the model its stored config describes: {error}"
         ) from error
     load_run_weights(module, state_dict, str(path))
-    if metadata["config"].get("adapter") is not None:  # strategy=lora|ia3
+    if metadata["config"].get("adapter") is not None:  # strategy=lora|ia3|prefix_tuning|prompt_tuning
         from tl_lightning.adapters.peft import merge_adapter
 
-        merge_adapter(module)  # plain weights again: no adapter modules, no extra inference cost
-        metadata = {**metadata, "config": {**metadata["config"], "adapter": None}}
+        # lora|ia3: plain weights again (no adapter modules, no extra inference cost); prompt learning
+        # keeps its virtual tokens, and its adapter config with them (an export must rebuild them too)
+        if merge_adapter(module):
+            metadata = {**metadata, "config": {**metadata["config"], "adapter": None}}
     data_config = as_data_config(metadata["data_config"])
     image_size = None
     if isinstance(data_config, DataConfig):
@@ -566,7 +569,9 @@ def _shareable(path: Path) -> Path:
 def export_safetensors(model: TrainedModel, output: str | Path) -> Path:
     """Write the weights with the run's description (``tl_lightning`` metadata, JSON) as safetensors.
 
-    :func:`load_trained` (and so ``predict.py``) reads the file back.
+    :func:`load_trained` (and so ``predict.py``) reads the file back. A prefix- or prompt-tuning model,
+    which no plain weights can hold, is written as its checkpoint holds it: the virtual tokens and the
+    target head, with the ``adapter`` config; loading rebuilds the base from its pretrained weights.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
