@@ -7,16 +7,20 @@ SmolLM2-135M in the pipeline tests; ``test_hf_decoder_smollm2.py`` loads the rea
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tl_lightning.backbones import DecoderBackbone, hf_decoder
 from tl_lightning.data import TextFilesDataModule
 from tl_lightning.data.text import pad_batch
+from tl_lightning.run.checkpointing import AsyncAtomicCheckpointIO, WaitForCheckpointWrites
 from tl_lightning.run.pipeline import train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -165,3 +169,84 @@ def test_every_strategy_trains_and_tests(tmp_path, tiny_llama, reviews):
     trainable = {s: m["params"]["trainable"] for s, m in results.items()}
     assert trainable["prefix_tuning"] < trainable["lora"] < trainable["full_finetune"]
     assert trainable["linear_probe"] == 2 * 32 + 2  # the head alone: the tied LM head is not trained
+
+
+def _best_at_epoch(monkeypatch, epoch: int) -> None:
+    """Make ``epoch`` the only one that improves ``val/acc`` as the checkpoint callbacks see it (the tiny
+    random decoder's own accuracies tie or wander)."""
+    candidates = ModelCheckpoint._monitor_candidates
+
+    def forced(self, trainer):
+        metrics = candidates(self, trainer)
+        metrics["val/acc"] = torch.tensor(0.9 if trainer.current_epoch == epoch else 0.5)
+        return metrics
+
+    monkeypatch.setattr(ModelCheckpoint, "_monitor_candidates", forced)
+
+
+@pytest.mark.parametrize("best_epoch", [0, 1])
+def test_lora_tests_its_best_checkpoint_after_slow_background_writes(
+    tmp_path, tiny_llama, reviews, monkeypatch, best_epoch
+):
+    """The README's decoder ``lora`` run (best and last ``ModelCheckpoint`` in one folder, adapter-only
+    checkpoints, 2 epochs) with epoch 0's writes held back until epoch 1 comes to save: the best file is
+    on disk when the test stage loads it, and a previous best is removed only after the new one landed."""
+    _best_at_epoch(monkeypatch, best_epoch)
+    real_save, next_save_point = torch.save, threading.Event()
+
+    def slow_save(*args, **kwargs):
+        next_save_point.wait(timeout=60)  # epoch 0's writes land only once epoch 1 has come to save
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    loaded, pending = [], []
+    real_load, real_wait = AsyncAtomicCheckpointIO.load_checkpoint, WaitForCheckpointWrites._wait
+
+    def load(self, path, *args, **kwargs):
+        loaded.append(Path(path).name)
+        return real_load(self, path, *args, **kwargs)
+
+    def wait(trainer):
+        queued = [Path(p).name for p in trainer.strategy.checkpoint_io.pending]
+        pending.extend(queued)
+        if queued:
+            next_save_point.set()
+        real_wait(trainer)
+
+    monkeypatch.setattr(AsyncAtomicCheckpointIO, "load_checkpoint", load)
+    monkeypatch.setattr(WaitForCheckpointWrites, "_wait", staticmethod(wait))
+    cfg = _cfg(tmp_path, tiny_llama, reviews, "strategy=lora", "trainer.max_epochs=2")
+    train(cfg)
+    assert pending == ["epoch00.ckpt", "last.ckpt"]  # epoch 0's writes, still queued at epoch 1's save point
+    best = f"epoch{best_epoch:02d}.ckpt"
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [best, "last.ckpt"]
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert Path(metrics["best_checkpoint"]) == checkpoints / best
+    assert loaded == [best]  # trainer.test read the best, through the writer (which waits for its writes)
+    assert torch.load(checkpoints / best, weights_only=True)["epoch"] == best_epoch
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_a_failed_write_of_the_best_stops_the_run_and_writes_nothing_after_it(
+    tmp_path, tiny_llama, reviews, monkeypatch
+):
+    """The disk refuses epoch 0's best file only. Before the writer stopped at a failed write, the
+    following ``last.ckpt`` writes went on and the error came out only when ``fit`` ended: the README
+    run's folder (``last.ckpt`` of the last epoch, no ``epoch00.ckpt``). Now the run stops with the
+    error naming the file, and nothing is written after it (no later file to mistake for the best)."""
+    _best_at_epoch(monkeypatch, 0)
+    real_save = torch.save
+
+    def refuse_the_best(obj, f, *args, **kwargs):
+        if Path(getattr(f, "name", "")).name.startswith(".epoch00.ckpt."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", refuse_the_best)
+    cfg = _cfg(tmp_path, tiny_llama, reviews, "strategy=lora", "trainer.max_epochs=2")
+    with pytest.raises(OSError, match=r"no space left .*epoch00\.ckpt"):
+        train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == []  # no partial file, no later last.ckpt
+    assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()
