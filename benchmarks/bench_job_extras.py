@@ -17,6 +17,13 @@ The extras, as ``conf/`` composes them for ``make train``:
 * ``model summary``: Lightning's parameter table at the start of ``fit``;
 * ``monitors``: ``TrainableParamsMonitor`` and ``LayerDriftMonitor`` (per-step and per-epoch hooks).
 
+One call is one epoch of the default job: 34 training steps of 32 images (its 1,078 digits training
+images) and the 360 images of its validation split, so every extra weighs what it weighs per epoch of
+``make train``. Costs paid once per ``fit`` (model summary, the progress bar's set-up, the drift monitor's
+copy of the backbone) are paid once per call here but once per run of 10 epochs in the job, so the ratios
+are an upper bound on the job's. With ``--steps 8`` (the window of earlier runs) validation's 360 images
+weigh four times what they weigh in the job.
+
 Costs do not add up exactly to the whole (the pieces interact: validation feeds the checkpoint's monitor).
 One more frozen arm validates on cached features (``EvaluateOnCachedFeatures``), as ``train`` does for a
 frozen backbone since issue 25 (``feature_cache=auto``: all splits cached for deterministic inputs,
@@ -25,19 +32,20 @@ as a run extracts them once.
 
 Usage::
 
-    python benchmarks/bench_job_extras.py [--steps 8] [--repeats 3] [--threads 1]
+    python benchmarks/bench_job_extras.py [--steps 34] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 
 import harness
 import lightning.pytorch as pl
-from bench_training_loop import CONF, VAL_IMAGES, loader, new_module
+from bench_training_loop import CONF, TRAIN_IMAGES, VAL_IMAGES, loader, new_module
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
@@ -109,13 +117,16 @@ def arm(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="training steps per call (one epoch)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per call (default: the job's epoch)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--val-images", type=int, default=VAL_IMAGES)
     args = parser.parse_args()
+    args.steps = args.steps or math.ceil(TRAIN_IMAGES / args.batch_size)
     title = (
         f"job extras, each left out: EfficientNet-Lite0, batch {args.batch_size}, {args.image_size} px, "
         f"{args.steps} steps + {args.val_images} validation images per call, "
