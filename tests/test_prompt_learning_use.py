@@ -28,6 +28,7 @@ from tl_lightning.run.inference import (
     predict_to_file,
     prepare_texts,
 )
+from tl_lightning.run.merge import merge_checkpoints
 from tl_lightning.run.pipeline import train
 
 STRATEGIES = ["prompt_tuning", "prefix_tuning"]
@@ -93,3 +94,5 @@ def test_hf_decoder_classifier_export_keeps_the_virtual_tokens(strategy, tiny_ll
     for format in ("hf", "onnx"):
         with pytest.raises(ValueError, match=f"format={format}: strategy={strategy} learns virtual tokens"):
             export_checkpoint(checkpoint, format, tmp_path / f"model.{format}")
+    with pytest.raises(ValueError, match="prefix/prompt-tuning run.*no task vector"):
+        merge_checkpoints([str(checkpoint)], [1.0])

@@ -49,12 +49,23 @@ def finetuned_backbone_state(checkpoint: Mapping, path: str) -> dict[str, torch.
     so the model is rebuilt (pretrained base + adapters) and the adapters are folded in with PEFT's
     ``merge_and_unload`` (:func:`tl_lightning.run.inference.load_trained`): the task vector of a LoRA run is
     PEFT's merged weights minus the base, non-zero on the adapted layers only.
+
+    Raises:
+        ValueError: If the checkpoint is of a prefix- or prompt-tuning run: its virtual tokens are not
+            weights of the backbone, so it has no task vector.
     """
     if ((checkpoint.get(METADATA_KEY) or {}).get("config") or {}).get("adapter") is None:
         return backbone_state(checkpoint)
+    from tl_lightning.adapters.peft import is_adapted
     from tl_lightning.run.inference import load_trained
 
-    return {k: v.detach().clone() for k, v in load_trained(path).module.backbone.state_dict().items()}
+    backbone = load_trained(path).module.backbone
+    if is_adapted(backbone):  # merge_adapter leaves prompt learning in place: nothing to fold in
+        raise ValueError(
+            f"{path!r} is a prefix/prompt-tuning run: it learned virtual tokens, not backbone weights, so "
+            "it has no task vector to merge; merge full fine-tuning or strategy=lora|ia3 runs"
+        )
+    return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
 
 
 class CheckpointBases:
