@@ -12,8 +12,9 @@ One call is one "epoch" of ``--steps`` training steps, timed whole (data iterati
   metrics and logs, and every call pays ``fit``'s start-up.
 
 What the default job's extras (checkpoints, monitors, progress bar, logger, validation) add on top is
-measured by ``bench_job_extras``, over one epoch of the default job and with validation on cached features
-where ``train`` uses them; here a ``lightning + job extras`` arm appears only in the peak-memory rows.
+measured by ``bench_job_extras`` over one epoch of the default job (with one frozen arm validating on
+cached features, as ``train`` does); here a ``lightning + job extras`` arm appears only in the peak-memory
+rows.
 
 Both loops use the optimizer ``configure_optimizers`` builds (AdamW, lr 1e-3, weight decay 0.01 in the
 layer groups, 0 in their ``/no_decay`` twins for norms and biases, the same groups), no LR scheduler.
