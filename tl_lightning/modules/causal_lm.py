@@ -32,6 +32,7 @@ from tl_lightning.modules.optim import named_param_groups
 
 IGNORE_INDEX = -100  # labels that take no loss (the prompt, the padding); torch's cross-entropy default
 STAGES = ("train", "val", "test")
+HF_DEFAULT_TOP_K = 50  # what transformers' generate samples with when the generation config sets no top_k
 
 
 class LanguageModel(Backbone):
@@ -262,14 +263,19 @@ class CausalLMModule(pl.LightningModule):
     ) -> torch.Tensor:
         """New tokens ``(B, <= max_new_tokens)`` after left-padded prompts; greedy unless ``do_sample``.
 
-        Finished rows are padded with the tokenizer's padding id. ``kwargs`` go to ``generate``
-        (``temperature``, ``top_p``, ...). Under prefix or prompt tuning (PEFT counts positions from
-        the first token, padding included) one unpadded prompt is generated at a time.
+        Finished rows are padded with ``pad_token_id`` (default: the tokenizer's). ``kwargs`` go to
+        ``generate`` (``temperature``, ``top_p``, ...). Under prefix or prompt tuning one unpadded prompt
+        is decoded at a time with the training forward (:meth:`_decode_with_forward`), which takes
+        ``temperature`` and ``top_p`` only.
+
+        Raises:
+            ValueError: Under prefix or prompt tuning, for an option other than ``temperature``,
+                ``top_p`` and ``pad_token_id``.
         """
+        pad_token_id = kwargs.pop("pad_token_id", self.tokenizer.pad_token_id)
         options = {
             "max_new_tokens": max_new_tokens or self.hparams.max_new_tokens,
             "do_sample": do_sample,
-            "pad_token_id": self.tokenizer.pad_token_id,
             **kwargs,
         }
         was_training = self.training
@@ -278,22 +284,77 @@ class CausalLMModule(pl.LightningModule):
             configs = getattr(self.backbone.model, "peft_config", {}).values()
             if not any(getattr(config, "is_prompt_learning", False) for config in configs):
                 out = self.backbone.model.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, **options
+                    input_ids=prompt_ids, attention_mask=prompt_mask, pad_token_id=pad_token_id, **options
                 )
                 return out[:, prompt_ids.shape[1] :]
-            rows = []
-            for ids, mask in zip(prompt_ids, prompt_mask, strict=True):
-                ids = ids[mask.bool()][None]
-                rows.append(
-                    self.backbone.model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), **options
-                    )[0, ids.shape[1] :]
-                )
+            rows = [
+                self._decode_with_forward(ids[mask.bool()], **options)
+                for ids, mask in zip(prompt_ids, prompt_mask, strict=True)
+            ]
         finally:
             self.train(was_training)
-        return torch.nn.utils.rnn.pad_sequence(
-            rows, batch_first=True, padding_value=self.tokenizer.pad_token_id
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_token_id)
+
+    def _decode_with_forward(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        **unsupported,
+    ) -> torch.Tensor:
+        """New tokens after one unpadded prompt ``(P,)``, each by the training forward over the tokens so far.
+
+        Prefix and prompt tuning cannot use PEFT's ``generate`` under transformers 5: PEFT hands the
+        prefix over as ``past_key_values``, a name transformers 5 replaced, so the prefix is lost (a Llama's
+        first logits are the base model's); prompt tuning's cached steps after the first drift from the
+        training forward (by up to 0.09 in a tiny Llama's logits, 0.5 in GPT-2's). Each step here runs
+        :meth:`forward` (the path the loss takes) without a KV cache on prompt + new tokens and reads the
+        last position: greedy takes the argmax; sampling applies the warpers ``generate`` would
+        (temperature, the model's ``top_k``, ``top_p``; unset ones as ``generate`` resolves them) and
+        draws with ``torch.multinomial``. Decoding stops after the model's EOS token (kept, as in
+        ``generate``) or ``max_new_tokens`` tokens.
+
+        Raises:
+            ValueError: For any option other than ``temperature`` and ``top_p``.
+        """
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
         )
+
+        if unsupported:
+            raise ValueError(
+                f"generation options {sorted(unsupported)} are not supported under prefix/prompt tuning "
+                "(decoded with the training forward): use max_new_tokens, do_sample, temperature, top_p"
+            )
+        config = self.backbone.model.generation_config
+        eos = config.eos_token_id
+        stop = {eos} if isinstance(eos, int) else set(eos or [])
+        temperature = config.temperature if temperature is None else temperature
+        top_p = config.top_p if top_p is None else top_p
+        top_k = HF_DEFAULT_TOP_K if config.top_k is None else config.top_k
+        warpers = LogitsProcessorList()
+        if temperature is not None and temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        tokens = ids[None]
+        for _ in range(max_new_tokens):
+            logits = self({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})[:, -1].float()
+            if do_sample:
+                token = torch.multinomial(warpers(tokens, logits).softmax(-1), 1)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, token], 1)
+            if token.item() in stop:
+                break
+        return tokens[0, len(ids) :]
 
     # -- steps -----------------------------------------------------------------------------------------
 
