@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,10 @@ def test_hf_decoder_classifier_export_keeps_the_virtual_tokens(strategy, tiny_ll
             export_checkpoint(checkpoint, format, tmp_path / f"model.{format}")
     with pytest.raises(ValueError, match="prefix/prompt-tuning run.*no task vector"):
         merge_checkpoints([str(checkpoint)], [1.0])
+    # as a kept head, the merged plain backbone would replace its virtual tokens (it loaded cleanly, the
+    # adapter set to null: not that run any more)
+    full = _trained(_classifier_cfg(tmp_path, tiny_llama, reviews, "strategy=full_finetune", run="full"))
+    with pytest.raises(
+        ValueError, match=f"{re.escape(str(checkpoint))}'.*prefix/prompt-tuning run.*drop its virtual tokens"
+    ):
+        merge_checkpoints([str(full)], [1.0], head_paths=[str(checkpoint)])

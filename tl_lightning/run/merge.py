@@ -54,18 +54,37 @@ def finetuned_backbone_state(checkpoint: Mapping, path: str) -> dict[str, torch.
         ValueError: If the checkpoint is of a prefix- or prompt-tuning run: its virtual tokens are not
             weights of the backbone, so it has no task vector.
     """
+    refuse_virtual_tokens(checkpoint, path)
     if ((checkpoint.get(METADATA_KEY) or {}).get("config") or {}).get("adapter") is None:
         return backbone_state(checkpoint)
-    from tl_lightning.adapters.peft import is_adapted
     from tl_lightning.run.inference import load_trained
 
     backbone = load_trained(path).module.backbone
-    if is_adapted(backbone):  # merge_adapter leaves prompt learning in place: nothing to fold in
-        raise ValueError(
-            f"{path!r} is a prefix/prompt-tuning run: it learned virtual tokens, not backbone weights, so "
-            "it has no task vector to merge; merge full fine-tuning or strategy=lora|ia3 runs"
-        )
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+
+def refuse_virtual_tokens(checkpoint: Mapping, path: str) -> None:
+    """Stop on the checkpoint of a prefix- or prompt-tuning run, told by its recorded ``adapter._target_``.
+
+    Such a run learned virtual tokens that PEFT cannot fold into the backbone's weights: it has no task
+    vector, and a merged plain backbone put in place of its own would drop what it learned (the result
+    loads cleanly but is not that run). Checked for ``vector_paths`` and ``head_paths`` alike.
+
+    Raises:
+        ValueError: If the recorded adapter is ``tl_lightning.adapters.prefix_tuning|prompt_tuning``.
+    """
+    from hydra.utils import get_object
+
+    from tl_lightning.adapters import prefix_tuning, prompt_tuning
+
+    adapter = ((checkpoint.get(METADATA_KEY) or {}).get("config") or {}).get("adapter")
+    target = adapter.get("_target_") if isinstance(adapter, Mapping) else None
+    if target is not None and get_object(target) in (prefix_tuning, prompt_tuning):
+        raise ValueError(
+            f"{str(path)!r} is a prefix/prompt-tuning run: it learned virtual tokens, not backbone weights, "
+            "so it has no task vector to merge, and a merged backbone would drop its virtual tokens; merge "
+            "and keep the heads of full fine-tuning or strategy=lora|ia3 runs"
+        )
 
 
 class CheckpointBases:
@@ -141,12 +160,16 @@ def merge_checkpoints(
         bn_stats: As :func:`task_vector`.
 
     Raises:
-        ValueError: If a checkpoint lacks the run config, or the checkpoints were fine-tuned from
-            different pretrained weights or architectures (naming both files), or as
-            :func:`merge_task_vectors`.
+        ValueError: If a checkpoint lacks the run config, is of a prefix- or prompt-tuning run (in
+            ``vector_paths`` or ``head_paths``: see :func:`refuse_virtual_tokens`), or the checkpoints
+            were fine-tuned from different pretrained weights or architectures (naming both files), or
+            as :func:`merge_task_vectors`.
         FileNotFoundError: If a file does not exist.
     """
     head_paths = list(vector_paths if head_paths is None else head_paths)
+    head_checkpoints = [load_checkpoint(path) for path in head_paths]
+    for path, checkpoint in zip(head_paths, head_checkpoints, strict=True):
+        refuse_virtual_tokens(checkpoint, path)
     bases = CheckpointBases()
     fingerprints: dict[str, str] = {}
     vectors = []
@@ -159,8 +182,7 @@ def merge_checkpoints(
             raise ValueError(f"{str(path)!r}: {error}") from error
         fingerprints[str(path)] = vectors[-1].base_fingerprint
     heads = []
-    for path in head_paths:
-        checkpoint = load_checkpoint(path)
+    for path, checkpoint in zip(head_paths, head_checkpoints, strict=True):
         base = bases(checkpoint, str(path))
         fingerprints[str(path)] = state_fingerprint(base)
         heads.append((path, checkpoint, base))
