@@ -5,12 +5,14 @@ fine-tuning, LoRA r=8 and r=64, IA3, L2-SP, EWC - plus the zero-shot instruct mo
 step), then writes ``runs.csv`` (one row per run), ``summary.csv`` and ``README.md`` tables (mean and
 spread over seeds) and ``gain_vs_loss.png`` (target gain against general-text loss) to ``--out``.
 
-Target: accuracy of the greedy generated answer on the first ``--test`` test reviews. Forgetting:
+Target: accuracy of the greedy generated answer on the first ``--test`` test reviews, and the
+cross-entropy of the answer tokens (the plot's target gain: its drop from the zero-shot model's; at a
+small budget the accuracy mostly measures the answer format). Forgetting:
 the relative change in perplexity of two general texts held out from fine-tuning (Python standard
 library source; Python's reference manual), measured by ``LMRetention`` before the first step and on
 the final weights.
 
-    python scripts/llm_forgetting.py                      # 2 seeds, 16 steps of 8 pairs, 3 runs at a time
+    python scripts/llm_forgetting.py                      # 3 seeds, 16 steps of 8 pairs, 3 runs at a time
     python scripts/llm_forgetting.py --seeds 0 1 2 --steps 60 --jobs 1
     python scripts/llm_forgetting.py --summarise-only     # tables and plot from the runs finished so far
 
@@ -179,13 +181,13 @@ def _plot(summary: list[dict], rows: list[dict], zero: dict, path: Path) -> None
             continue
         runs = [r for r in rows if r["method"] == e["method"]]
         xs = [100 * r["general_ppl_change"] for r in runs]
-        ys = [r["test_acc"] - zero["test_acc"] for r in runs]
+        ys = [zero["test_loss"] - r["test_loss"] for r in runs]
         points = ax.scatter(xs, ys, alpha=0.35, s=18)
         ax.errorbar(
             100 * e["general_ppl_change"],
-            e["target_gain"],
+            zero["test_loss"] - e["test_loss"],
             xerr=100 * e["general_ppl_change_sd"],
-            yerr=e["test_acc_sd"],
+            yerr=e["test_loss_sd"],
             fmt="o",
             color=points.get_facecolor()[0][:3],
             capsize=3,
@@ -194,7 +196,7 @@ def _plot(summary: list[dict], rows: list[dict], zero: dict, path: Path) -> None
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
     ax.set_xlabel("source loss: general-text perplexity change (%, mean of 2 texts)")
-    ax.set_ylabel("target gain: test accuracy - zero-shot accuracy")
+    ax.set_ylabel("target gain: zero-shot - fine-tuned answer-token loss (nats)")
     ax.set_title("SmolLM2-135M, Rotten Tomatoes instructions (mean ± sd)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -205,7 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
