@@ -115,3 +115,14 @@ def test_seeded_sampling_repeats_and_other_generate_options_are_refused(tiny_lla
     for option in ({"top_k": 5}, {"num_beams": 2}, {"repetition_penalty": 1.3}):
         with pytest.raises(ValueError, match=f"{next(iter(option))}.*prefix/prompt tuning"):
             module.generate(*args, **option)
+
+
+def test_generation_config_settings_the_forward_decoding_cannot_apply_are_refused(tiny_llama):
+    module = _module(tiny_llama, "prompt")
+    _, batch = _prompts(module)
+    config = module.backbone.model.generation_config
+    config.repetition_penalty = 1.0  # neutral: decoded as before
+    module.generate(batch["prompt_ids"], batch["prompt_mask"], 2)
+    config.no_repeat_ngram_size = 1  # generate would forbid repeats; the forward decoding would not
+    with pytest.raises(ValueError, match="no_repeat_ngram_size.*prefix/prompt tuning"):
+        module.generate(batch["prompt_ids"], batch["prompt_mask"], 2)

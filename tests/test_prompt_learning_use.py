@@ -104,3 +104,16 @@ def test_hf_decoder_classifier_export_keeps_the_virtual_tokens(strategy, tiny_ll
         ValueError, match=f"{re.escape(str(checkpoint))}'.*prefix/prompt-tuning run.*drop its virtual tokens"
     ):
         merge_checkpoints([str(full)], [1.0], head_paths=[str(checkpoint)])
+
+
+def test_merge_refuses_virtual_tokens_under_any_adapter_name():
+    from tl_lightning.run.merge import refuse_virtual_tokens
+
+    wrapped = {  # a user's own wrapper around prompt_tuning: its target names neither PEFT function
+        "tl_lightning": {"config": {"adapter": {"_target_": "builtins.dict"}}},
+        "state_dict": {"backbone.model.prompt_encoder.default.embedding.weight": torch.zeros(4, 8)},
+    }
+    with pytest.raises(ValueError, match="prefix/prompt-tuning run"):
+        refuse_virtual_tokens(wrapped, "wrapped.ckpt")
+    lora = {**wrapped, "state_dict": {"backbone.model.lora_A.weight": torch.zeros(1)}}
+    refuse_virtual_tokens(lora, "lora.ckpt")  # no virtual tokens: passes

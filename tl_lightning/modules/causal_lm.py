@@ -33,6 +33,24 @@ from tl_lightning.modules.optim import named_param_groups
 IGNORE_INDEX = -100  # labels that take no loss (the prompt, the padding); torch's cross-entropy default
 STAGES = ("train", "val", "test")
 HF_DEFAULT_TOP_K = 50  # what transformers' generate samples with when the generation config sets no top_k
+NEUTRAL_GENERATION = {  # generation_config fields generate would apply and prompt-learning decoding does not
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_new_tokens": 0,
+    "min_length": 0,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
 
 
 class LanguageModel(Backbone):
@@ -317,7 +335,9 @@ class CausalLMModule(pl.LightningModule):
         ``generate``) or ``max_new_tokens`` tokens.
 
         Raises:
-            ValueError: For any option other than ``temperature`` and ``top_p``.
+            ValueError: For any option other than ``temperature`` and ``top_p``, or a model generation
+                config that sets what ``generate`` would apply besides them (``repetition_penalty``,
+                ``no_repeat_ngram_size``, ...: :data:`NEUTRAL_GENERATION`).
         """
         from transformers import (
             LogitsProcessorList,
@@ -332,6 +352,17 @@ class CausalLMModule(pl.LightningModule):
                 "(decoded with the training forward): use max_new_tokens, do_sample, temperature, top_p"
             )
         config = self.backbone.model.generation_config
+        unapplied = {
+            name: getattr(config, name)
+            for name, neutral in NEUTRAL_GENERATION.items()
+            if getattr(config, name, None) not in (None, neutral)
+        }
+        if unapplied:
+            raise ValueError(
+                f"the model's generation_config sets {unapplied}, which decoding under prefix/prompt tuning "
+                "(the training forward, see CausalLMModule.generate) does not apply: the answers would not "
+                "be what transformers' generate gives; reset them in the model's generation_config.json"
+            )
         eos = config.eos_token_id
         stop = {eos} if isinstance(eos, int) else set(eos or [])
         temperature = config.temperature if temperature is None else temperature

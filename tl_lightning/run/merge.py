@@ -71,7 +71,8 @@ def refuse_virtual_tokens(checkpoint: Mapping, path: str) -> None:
     loads cleanly but is not that run). Checked for ``vector_paths`` and ``head_paths`` alike.
 
     Raises:
-        ValueError: If the recorded adapter is ``tl_lightning.adapters.prefix_tuning|prompt_tuning``.
+        ValueError: If the recorded adapter is ``tl_lightning.adapters.prefix_tuning|prompt_tuning``, or
+            the weights hold PEFT's virtual-token encoder (a user's own wrapper of either).
     """
     from hydra.utils import get_object
 
@@ -79,7 +80,8 @@ def refuse_virtual_tokens(checkpoint: Mapping, path: str) -> None:
 
     adapter = ((checkpoint.get(METADATA_KEY) or {}).get("config") or {}).get("adapter")
     target = adapter.get("_target_") if isinstance(adapter, Mapping) else None
-    if target is not None and get_object(target) in (prefix_tuning, prompt_tuning):
+    named = target is not None and get_object(target) in (prefix_tuning, prompt_tuning)
+    if named or any(".prompt_encoder." in key for key in checkpoint.get("state_dict", {})):
         raise ValueError(
             f"{str(path)!r} is a prefix/prompt-tuning run: it learned virtual tokens, not backbone weights, "
             "so it has no task vector to merge, and a merged backbone would drop its virtual tokens; merge "
