@@ -132,28 +132,17 @@ def test_export_of_a_prompt_tuned_language_model_points_to_predict(tiny_llama, t
 
 
 @pytest.mark.slow
-def test_qlora_trains_through_the_pipeline_and_checkpoints_adapters_only(tiny_llama, tmp_path):
-    """strategy=qlora end to end: fit, adapter-only checkpoint, test from it (the 4-bit base rebuilt).
-
-    A decoder of hidden size 64 (bitsandbytes' CPU inference kernel needs rows of at least one 64-value
-    quantisation block; the 32-wide tiny_llama only trains)."""
+def test_qlora_trains_through_the_pipeline_and_checkpoints_adapters_only(tiny_llama64, tmp_path):
+    """strategy=qlora end to end on ``tiny_llama64``: fit, adapter-only checkpoint, test from it (the 4-bit
+    base rebuilt)."""
     pytest.importorskip("bitsandbytes")
     import csv
     import json
 
     from hydra import compose, initialize_config_dir
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tl_lightning.run.pipeline import train
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     with (tmp_path / "reviews.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("text", "label"))
@@ -164,7 +153,7 @@ def test_qlora_trains_through_the_pipeline_and_checkpoints_adapters_only(tiny_ll
         cfg = compose(
             "train",
             overrides=[
-                "backbone=hf_decoder", f"backbone.model_name={tmp_path / 'model'}", "strategy=qlora",
+                "backbone=hf_decoder", f"backbone.model_name={tiny_llama64}", "strategy=qlora",
                 "data=text_files", f"data.train_file={tmp_path / 'reviews.csv'}", "data.batch_size=8",
                 "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                 "trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false",
