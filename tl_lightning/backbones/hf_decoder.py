@@ -268,12 +268,12 @@ def decoder_inputs(model: nn.Module, tokens: Mapping[str, torch.Tensor]) -> dict
     """
     mask = tokens["attention_mask"]
     inputs = {"input_ids": tokens["input_ids"], "attention_mask": mask, "use_cache": False}
-    if not _prompt_learning(model):
+    if not is_prompt_learning(model):
         inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp_min(0)
     return inputs
 
 
-def _prompt_learning(model: nn.Module) -> bool:
+def is_prompt_learning(model: nn.Module) -> bool:
     """Whether ``model`` is a PEFT model with a prompt-learning adapter (prefix or prompt tuning)."""
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tl_lightning.backbones import Backbone, TextConfig
-from tl_lightning.backbones.hf_decoder import decoder_inputs
+from tl_lightning.backbones.hf_decoder import decoder_inputs, is_prompt_learning
 from tl_lightning.modules.optim import named_param_groups
 
 IGNORE_INDEX = -100  # labels that take no loss (the prompt, the padding); torch's cross-entropy default
@@ -299,8 +299,7 @@ class CausalLMModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            configs = getattr(self.backbone.model, "peft_config", {}).values()
-            if not any(getattr(config, "is_prompt_learning", False) for config in configs):
+            if not is_prompt_learning(self.backbone.model):
                 out = self.backbone.model.generate(
                     input_ids=prompt_ids, attention_mask=prompt_mask, pad_token_id=pad_token_id, **options
                 )
